@@ -1,0 +1,218 @@
+"""
+One SAE training run end to end, as a function: model + corpus → activation stream → trainer →
+SAELens folders → spliced evaluation on held-out text. `scripts/sae_train.py` is its CLI and
+`build_atlas` calls `run_training` directly.
+
+    result = run_training(RunConfig(layers=[4, 10, 16], tokens=2_000_000, out="atlas_out/saes"))
+    result.sae_dirs  # {hook_name: Path}, e.g. atlas_out/saes/blocks.10.hook_resid_post
+
+Notable choices:
+- The model comes from `nanochat.model_source.resolve_model` (explicit checkpoint, else the latest
+  base model under $NANOCHAT_BASE_DIR, else the demo model) and the text from the train split of
+  its corpus (or `data`); the spliced evaluation uses the val split of the same corpus.
+- One stream feeds every SAE (one forward per batch for all layers). The stream is consumed in this
+  order: input-norm estimation (`init_tokens`), training, BatchTopK threshold calibration, the
+  trainer's held-out metrics; so a `cache_activations` cache holds exactly that many tokens.
+- Held-out token budgets (calibration, trainer eval) shrink with short runs, so a tiny run is not
+  dominated by them: each is min(its default, max(one batch, tokens / 8)).
+- The default shuffle buffer is as many tokens as `buffer_mb` holds, at most 2^22, and at most a
+  quarter of the stream, so even a short run mixes several generations.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanochat.common import autodetect_device, get_atlas_cache_dir
+from sae.activations import (StreamConfig, build_cache, cached_stream, corpus_stream, hook_dims,
+                             model_fingerprint)
+from sae.config import ARCHITECTURES, SAEConfig, TrainConfig
+from sae.evaluator import EvalConfig, evaluate_saes, write_eval_json
+from sae.hooks import HOOK_KINDS, hook_name, parse_hook_name
+
+MAX_DEFAULT_BUFFER_TOKENS = 1 << 22
+
+
+@dataclass
+class RunConfig:
+    layers: list[int] | None = None  # None: n_layer/4, n_layer/2, 3·n_layer/4
+    hook: str = "resid_post"  # hook kind, with or without 'hook_' (see sae.hooks.HOOK_KINDS)
+    architecture: str = "batchtopk"
+    width: int | None = None  # latents per SAE; None: expansion · d_in
+    expansion: float = 8.0
+    k: int = 32
+    l1_coefficient: float | None = None  # relu / gated / jumprelu sparsity weight; None: SAEConfig's
+    tokens: int = 2_000_000  # training tokens per SAE
+    batch_size: int = 4096  # tokens per optimizer step
+    lr: float | None = None  # None: 2e-4/sqrt(width/16384)·sqrt(batch/8192)
+    checkpoint: str | None = None  # nanochat checkpoint dir or model_<step>.pt; None: see module doc
+    data: str | None = None  # corpus file or dir; None: the model's own corpus
+    out: str = "atlas_out/saes"
+    resume: bool = False
+    device: str | None = None  # None: CUDA, else MPS, else CPU
+    seq_len: int | None = None  # window length; None: the model's sequence_len
+    forward_windows: int = 8  # windows per model forward
+    buffer_tokens: int | None = None  # shuffle buffer; None: see module doc
+    buffer_mb: float = 1024.0
+    cache_activations: bool = False  # keep the stream's activations on disk for repeated sweeps
+    cache_dir: str | None = None  # None: $NANOCHAT_ATLAS_CACHE/activations
+    cache_dtype: str = "float16"
+    eval_tokens: int = 32_768  # val-split tokens for the spliced evaluation (0: skip)
+    seed: int = 0
+    quiet: bool = False
+    train_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r}: expected one of {ARCHITECTURES}")
+        kind = self.hook if self.hook.startswith("hook_") else f"hook_{self.hook}"
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"hook {self.hook!r}: expected one of "
+                             f"{', '.join(k.removeprefix('hook_') for k in HOOK_KINDS)}")
+        for key in ("tokens", "batch_size", "k"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected > 0")
+        if self.width is None and not self.expansion > 0:
+            raise ValueError(f"expansion={self.expansion!r}: expected > 0")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    sae_dirs: dict[str, Path]  # hook name -> SAE folder
+    evals: dict[str, dict]  # hook name -> spliced val metrics ({} when eval_tokens == 0)
+    model: str  # the model's description
+    corpus: Path
+    cache_dir: Path | None
+
+
+def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None = None) -> RunResult:
+    """Train one SAE per layer on one stream, export, evaluate. `source`: a loaded ModelSource."""
+    from nanochat.model_source import resolve_corpus, resolve_model
+    say = (lambda msg: None) if cfg.quiet else (log or _print_stderr)
+    device = autodetect_device(cfg.device)
+    if source is None:
+        source = resolve_model(cfg.checkpoint, device, quiet=cfg.quiet)
+    model, tokenizer = source.model, source.tokenizer
+    corpus = resolve_corpus(source, cfg.data)
+    n_layer = model.config.n_layer
+    layers = cfg.layers if cfg.layers else default_layers(n_layer)
+    hooks = [hook_name(layer, cfg.hook) for layer in layers]
+    for h in hooks:
+        parse_hook_name(h, n_layer)  # clear error naming the valid layers
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"layers {layers} repeat a layer")
+    dims = hook_dims(model, hooks)
+    seq_len = int(cfg.seq_len or model.config.sequence_len)
+
+    sae_cfgs = [_sae_config(cfg, h, dims[h], source, corpus, seq_len) for h in hooks]
+    train_cfg = _train_config(cfg, device)
+    stream_tokens = stream_token_budget(train_cfg)
+    bytes_per_token = sum(dims.values()) * 4
+    buffer_tokens = cfg.buffer_tokens or max(cfg.batch_size, min(
+        int(cfg.buffer_mb * 2**20) // bytes_per_token, MAX_DEFAULT_BUFFER_TOKENS, stream_tokens // 4))
+    stream_cfg = StreamConfig(hooks, batch_size=cfg.batch_size, buffer_tokens=buffer_tokens,
+                              seq_len=seq_len, forward_windows=cfg.forward_windows, split="train",
+                              seed=cfg.seed)
+    out = Path(cfg.out)
+
+    say(f"model:   {source.describe()}")
+    say(f"corpus:  {corpus} (train split for training, val split for evaluation)")
+    say(f"SAEs:    {cfg.architecture}, {len(hooks)} hook(s) {', '.join(hooks)}; d_in "
+        f"{sorted(set(dims.values()))}, width {sae_cfgs[0].d_sae}"
+        + (f", k {cfg.k}" if cfg.architecture in ("topk", "batchtopk") else ""))
+    say(f"tokens:  {train_cfg.total_tokens:,} training + {stream_tokens - train_cfg.total_tokens:,} "
+        f"init/calibration/held-out per SAE, batch {cfg.batch_size}, lr "
+        f"{train_cfg.resolve_lr(sae_cfgs[0].d_sae):.3g}, shuffle buffer {buffer_tokens:,} tokens, "
+        f"window {seq_len}, device {device}")
+    say(f"output:  {out}" + (" (resuming)" if cfg.resume else ""))
+
+    cache_path = None
+    if cfg.cache_activations:
+        root = Path(cfg.cache_dir) if cfg.cache_dir else get_atlas_cache_dir() / "activations"
+        cache = build_cache(model, tokenizer, corpus, hooks, stream_tokens, root,
+                            model_fingerprint(source.checkpoint_dir, source.step, source.model_id),
+                            split="train", seq_len=seq_len, dtype=cfg.cache_dtype,
+                            forward_windows=cfg.forward_windows, device=device, quiet=cfg.quiet,
+                            log=say)
+        cache_path = cache.path
+        stream = cached_stream(cache, stream_cfg, device=device, log=say)
+    else:
+        stream = corpus_stream(model, tokenizer, corpus, stream_cfg, device=device, log=say)
+
+    from sae.trainer import train_saes
+    saes = train_saes(sae_cfgs, train_cfg, stream, out, resume=cfg.resume)
+    sae_dirs = {s.cfg.hook_name: out / s.cfg.folder_name for s in saes}
+
+    evals: dict[str, dict] = {}
+    if cfg.eval_tokens > 0:
+        results = evaluate_saes(model, tokenizer, corpus, saes,
+                                EvalConfig(n_tokens=cfg.eval_tokens, seq_len=seq_len), device=device,
+                                quiet=cfg.quiet)
+        for sae, r in zip(saes, results):
+            write_eval_json(sae_dirs[sae.cfg.hook_name], r)
+            evals[sae.cfg.hook_name] = r
+    result = RunResult(out, sae_dirs, evals, source.describe(), Path(corpus), cache_path)
+    for line in summary_lines(result):
+        say(line)
+    return result
+
+
+def default_layers(n_layer: int) -> list[int]:
+    """n/4, n/2, 3n/4 (distinct, in range)."""
+    return sorted({min(n_layer - 1, max(0, round(n_layer * f))) for f in (0.25, 0.5, 0.75)})
+
+
+def stream_token_budget(train_cfg: TrainConfig) -> int:
+    """Tokens the trainer draws from the stream: each phase takes whole batches."""
+    B = train_cfg.batch_size
+    phases = (max(1, train_cfg.init_tokens), train_cfg.total_tokens,
+              train_cfg.calibration_tokens, train_cfg.eval_tokens)
+    return sum(math.ceil(n / B) * B for n in phases)
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    lines = [f"wrote {len(result.sae_dirs)} SAE folder(s) under {result.out_dir}:"]
+    for h, d in result.sae_dirs.items():
+        e = result.evals.get(h)
+        stats = (f"  FVU {e['fvu']:.3f}  L0 {e['l0']:.1f}  ΔCE {e['delta_ce']:+.4f} nats  "
+                 f"KL {e['kl']:.4f}") if e else ""
+        lines.append(f"  {d}{stats}")
+    lines.append(f"each holds cfg.json, sae_weights.safetensors, sparsity.safetensors, eval.json, "
+                 f"training_state.pt; resumable state: {result.out_dir / 'checkpoint.pt'}")
+    if result.cache_dir:
+        lines.append(f"activation cache: {result.cache_dir}")
+    return lines
+
+
+def _sae_config(cfg: RunConfig, hook: str, d_in: int, source, corpus, seq_len: int) -> SAEConfig:
+    width = cfg.width or max(1, round(cfg.expansion * d_in))
+    extra = {} if cfg.l1_coefficient is None else {"l1_coefficient": cfg.l1_coefficient}
+    k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
+    if k is not None and k > width:
+        raise ValueError(f"k={k} exceeds the SAE width {width}")
+    return SAEConfig(d_in=d_in, d_sae=width, architecture=cfg.architecture, k=k, hook_name=hook,
+                     model_id=source.model_id, checkpoint=str(source.checkpoint_dir),
+                     context_size=seq_len, dataset_path=str(corpus), **extra)
+
+
+def _train_config(cfg: RunConfig, device: torch.device) -> TrainConfig:
+    defaults = TrainConfig()
+    held_out = lambda default: min(default, max(cfg.batch_size, cfg.tokens // 8))  # noqa: E731
+    kwargs = dict(total_tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, device=str(device),
+                  seed=cfg.seed, quiet=cfg.quiet,
+                  init_tokens=held_out(defaults.init_tokens),
+                  calibration_tokens=held_out(defaults.calibration_tokens),
+                  eval_tokens=held_out(defaults.eval_tokens))
+    kwargs.update(cfg.train_overrides)
+    return TrainConfig(**kwargs)
+
+
+def _print_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

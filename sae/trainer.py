@@ -1,0 +1,485 @@
+"""
+SAE trainer: several SAEs from one activation stream, resumable bit-exactly, exported in SAELens format.
+
+    saes = train_saes(cfgs, TrainConfig(total_tokens=2_000_000), batches, "out/")
+
+`batches` is any iterable of {hook_name: Tensor[B, d_in]} (one model forward feeds every SAE whose
+hook it holds; one batch = one optimizer step for each SAE). Data-position protocol: if the object
+has `state_dict()` / `load_state_dict(state)`, the trainer stores the former in each checkpoint and,
+on resume, calls the latter once before iterating; `state_dict()` must describe the position after
+the last batch handed out. Otherwise a resume re-iterates from the start and skips the batches
+already consumed (exact only for a deterministic stream).
+
+Phases (recipe §9): init (estimate the input scale s = sqrt(d_in)/E‖x‖ and b_dec from `init_tokens`
+that are not trained on) → train → calibrate BatchTopK thresholds on held-out tokens → evaluate on
+further held-out tokens → export each SAE to OUT/<name>/ (cfg.json, sae_weights.safetensors,
+sparsity.safetensors, eval.json, training_state.pt). Resumable state lives in OUT/checkpoint.pt
+(written atomically every `checkpoint_every` steps, after init and at the end of training): weights,
+Adam moments, dead counters, BatchTopK θ-EMA, input scales, generator state, step/tokens and the
+data position. Per-step recipe: unit-norm decoder rows with the parallel gradient projected out,
+Adam with warmup and linear decay (schedule by tokens), grad-norm clipping, AuxK on latents dead for
+`dead_tokens`, optional Anthropic resampling at `resample_steps`.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm import tqdm
+
+from sae.config import SAEConfig, TrainConfig
+from sae.io import atomic_write_bytes, save_sae, save_sparsify, torch_bytes
+from sae.metrics import SAEMetrics, decoder_max_cosine, fvu, log_density_histogram
+from sae.models import SAE, BatchTopKSAE, LossContext, build_sae
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_VERSION = 1
+# settings that may change between a run and its resume without changing the math
+_RESUME_FREE = {"quiet", "log_every", "checkpoint_every", "device", "calibration_tokens", "eval_tokens", "export_sparsify"}
+
+
+@dataclass
+class _Run:
+    """One SAE's training state."""
+    sae: SAE
+    optimizer: torch.optim.Adam
+    lr: float
+    tokens_since_fired: torch.Tensor  # [d_sae] int64
+    data_stats: dict
+
+
+def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[dict], out_dir,
+               resume: bool = False) -> list[SAE]:
+    """Train one SAE per config on the shared stream; returns the exported (inference-form) SAEs."""
+    out = Path(out_dir)
+    names = [c.folder_name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"train_saes: SAE folder names must be unique, got {names}; set SAEConfig.name")
+    ckpt_path = out / CHECKPOINT_FILE
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass resume=True to continue that run, or use another out_dir")
+    say = (lambda msg: None) if train_cfg.quiet else (lambda msg: print(msg, file=sys.stderr))
+    device = torch.device(train_cfg.device)
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    t_start = time.time()
+
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        runs = _restore(ckpt, cfgs, train_cfg, device, gen, ckpt_path)
+        step, tokens, consumed, wall = ckpt["step"], ckpt["tokens"], ckpt["batches_consumed"], ckpt["wall_s"]
+        it = _resume_stream(batches, ckpt, say)
+        say(f"resuming {out} at step {step} ({tokens:,} tokens)")
+    else:
+        if resume:
+            say(f"no checkpoint in {out}: starting a fresh run")
+        it = iter(batches)
+        runs = [_new_run(cfg, train_cfg, device, gen) for cfg in cfgs]
+        consumed = _init_from_data(runs, it, train_cfg, device)
+        step, tokens, wall = 0, 0, 0.0
+        _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
+    _truncate_log(out / LOG_FILE, step)
+
+    dead_tokens = train_cfg.resolve_dead_tokens()
+    bar = tqdm(total=train_cfg.total_tokens, initial=min(tokens, train_cfg.total_tokens), unit="tok",
+               unit_scale=True, disable=True if train_cfg.quiet else None, desc="train SAEs", dynamic_ncols=True)
+    t_loop = time.time()
+    while tokens < train_cfg.total_tokens:
+        try:
+            batch = next(it)
+        except StopIteration:
+            say(f"activation stream ended after {tokens:,} of {train_cfg.total_tokens:,} tokens; finishing early")
+            break
+        consumed += 1
+        xs = [_hook_batch(batch, r.sae.cfg.hook_name, device) for r in runs]
+        B = xs[0].shape[0]
+        if any(x.shape[0] != B for x in xs):
+            raise ValueError(f"batch {consumed}: hooks yield different token counts {[x.shape[0] for x in xs]}")
+        lr_factor, sparsity_factor = train_cfg.lr_factor(tokens), train_cfg.sparsity_factor(tokens)
+        logs = []
+        for r, x in zip(runs, xs):
+            x = x * r.sae.cfg.input_scale
+            for group in r.optimizer.param_groups:
+                group["lr"] = r.lr * lr_factor
+            ctx = LossContext(dead=r.tokens_since_fired >= dead_tokens,
+                              sparsity_coef=r.sae.cfg.l1_coefficient * sparsity_factor,
+                              auxk_alpha=train_cfg.auxk_alpha, sparse=train_cfg.sparse_kernels)
+            res = r.sae.training_loss(x, ctx)
+            r.optimizer.zero_grad(set_to_none=True)
+            res.loss.backward()
+            r.sae.project_decoder_grad()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(r.sae.parameters(), train_cfg.grad_clip)
+            r.optimizer.step()
+            r.sae.post_step()
+            r.tokens_since_fired += B
+            r.tokens_since_fired[res.fired] = 0
+            if (step + 1) % train_cfg.log_every == 0:
+                logs.append((r, x, res))
+        step += 1
+        tokens += B
+        bar.update(min(B, train_cfg.total_tokens - bar.n))
+        if step in train_cfg.resample_steps:
+            for r, x in zip(runs, xs):
+                n = _resample_dead(r, x * r.sae.cfg.input_scale, dead_tokens, gen)
+                say(f"step {step}: resampled {n} dead latents of {r.sae.cfg.folder_name}")
+        if logs:
+            _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens, time.time() - t_loop)
+        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall + time.time() - t_start)
+    bar.close()
+    wall += time.time() - t_start
+    _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
+
+    # held-out phases: the stream continues past the training tokens
+    thresholds = _calibrate_thresholds(runs, it, train_cfg, device, say)
+    evals = _evaluate(runs, it, train_cfg, device, say)
+    exported = []
+    for r, ev in zip(runs, evals):
+        exported.append(_export(r, ev, thresholds, train_cfg, out, step, tokens, wall, dead_tokens))
+    say(f"wrote {len(exported)} SAE folder(s) under {out}")
+    return exported
+
+
+def train_sae(cfg: SAEConfig, train_cfg: TrainConfig, batches: Iterable, out_dir, resume: bool = False) -> SAE:
+    """Single-SAE convenience: batches may yield plain tensors [B, d_in] or {hook_name: tensor} dicts."""
+    return train_saes([cfg], train_cfg, _AsDicts(batches, cfg.hook_name), out_dir, resume)[0]
+
+
+class _AsDicts:
+    """Wraps a stream of tensors as {hook_name: tensor}, forwarding the data-position protocol."""
+
+    def __init__(self, batches, hook_name):
+        self._batches, self._hook = batches, hook_name
+
+    def __iter__(self):
+        for b in self._batches:
+            yield b if isinstance(b, dict) else {self._hook: b}
+
+    def __getattr__(self, name):
+        if name in ("state_dict", "load_state_dict"):
+            return getattr(self._batches, name)
+        raise AttributeError(name)
+
+
+# ---- init ----
+
+def _new_run(cfg: SAEConfig, train_cfg: TrainConfig, device, gen) -> _Run:
+    sae = build_sae(cfg, gen).to(device)
+    lr = train_cfg.resolve_lr(cfg.d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=train_cfg.adam_betas, eps=train_cfg.adam_eps)
+    return _Run(sae, opt, lr, torch.zeros(cfg.d_sae, dtype=torch.int64, device=device), {})
+
+
+@torch.no_grad()
+def _init_from_data(runs: list[_Run], it, train_cfg: TrainConfig, device) -> int:
+    """Estimate input scale and b_dec from the first init_tokens of the stream; returns batches used."""
+    need = max(1, train_cfg.init_tokens)
+    chunks = {id(r): [] for r in runs}
+    seen, consumed = 0, 0
+    while seen < need:
+        try:
+            batch = next(it)
+        except StopIteration:
+            if seen == 0:
+                raise ValueError("train_saes: the activation stream is empty") from None
+            break
+        consumed += 1
+        for r in runs:
+            chunks[id(r)].append(_hook_batch(batch, r.sae.cfg.hook_name, device))
+        seen += chunks[id(runs[0])][-1].shape[0]
+    for r in runs:
+        x = torch.cat(chunks[id(r)])[:need]
+        cfg = r.sae.cfg
+        mean_norm = float(x.norm(dim=-1).mean())
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise ValueError(f"{cfg.hook_name}: activations have mean norm {mean_norm}; cannot normalise")
+        scale = math.sqrt(cfg.d_in) / mean_norm if train_cfg.normalize else 1.0
+        r.sae.cfg = replace(cfg, input_scale=scale)
+        xn = x * scale
+        mu, sigma = xn.mean(0), xn.std(0)
+        r.data_stats = {"init_tokens": x.shape[0], "mean_norm": mean_norm, "input_scale": scale,
+                        "gamma_mean_over_std": float(mu.norm() / sigma.norm().clamp_min(1e-12))}
+        if train_cfg.b_dec_init == "geometric_median":
+            r.sae.b_dec.copy_(geometric_median(xn[:32768]))
+        elif train_cfg.b_dec_init == "mean":
+            r.sae.b_dec.copy_(mu)
+    return consumed
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm, started at the mean; stops when a step moves < tol·(1 + ‖y‖)."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        moved = float((y_new - y).norm())
+        y = y_new
+        if moved < tol * (1 + float(y.norm())):
+            break
+    return y.float()
+
+
+# ---- per-step helpers ----
+
+def _hook_batch(batch: dict, hook_name: str, device) -> torch.Tensor:
+    if not isinstance(batch, dict):
+        raise TypeError(f"train_saes: batches must yield {{hook_name: Tensor}} dicts, got {type(batch).__name__}")
+    if hook_name not in batch:
+        raise KeyError(f"activation batch has no {hook_name!r}; it holds {sorted(batch)}")
+    x = batch[hook_name]
+    return x.reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def _resample_dead(r: _Run, x: torch.Tensor, dead_tokens: int, gen: torch.Generator) -> int:
+    """Anthropic (Towards Monosemanticity) resampling, with the current batch as the input pool.
+
+    Dead latents get the direction of an input drawn ∝ its squared reconstruction loss (measured from
+    b_dec, since that is what the decoder adds to); encoder columns get 0.2 × the mean alive encoder
+    norm; b_enc = 0; their Adam moments are zeroed."""
+    sae = r.sae
+    dead = r.tokens_since_fired >= dead_tokens
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return 0
+    loss = (x - sae.decode_normed(sae.encode_normed(x))).pow(2).sum(-1)
+    probs = loss.pow(2).cpu().double()
+    if not bool(probs.sum() > 0):
+        probs = torch.ones_like(probs)
+    pick = torch.multinomial(probs, idx.numel(), replacement=True, generator=gen).to(x.device)
+    dirs = x[pick] - sae.b_dec
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead
+    enc_norm = float(sae.W_enc[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
+    dec_norm = 1.0 if sae.unit_norm_decoder or not bool(alive.any()) else float(sae.W_dec[alive].norm(dim=1).mean())
+    sae.reset_latents(idx, dirs * dec_norm, dirs * (0.2 * enc_norm))
+    params = dict(sae.named_parameters())
+    for name, dim in sae.latent_params.items():
+        state = r.optimizer.state.get(params[name], {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].index_fill_(dim, idx, 0.0)
+    r.tokens_since_fired[idx] = 0
+    return idx.numel()
+
+
+def _log_step(path: Path, bar, step, tokens, logs, dead_tokens, loop_s):
+    lines, post = [], []
+    for r, x, res in logs:
+        cfg = r.sae.cfg
+        rec = {"step": step, "tokens": tokens, "sae": cfg.folder_name, "fvu": fvu(x, res.x_hat),
+               "l0": float(res.l0), "dead_fraction": float((r.tokens_since_fired >= dead_tokens).double().mean()),
+               "loss": float(res.loss), **{k: float(v) for k, v in res.terms.items()},
+               "lr": r.optimizer.param_groups[0]["lr"]}
+        lines.append(json.dumps(rec))
+        tag = f"L{cfg.layer}" if cfg.layer is not None else cfg.folder_name
+        post.append(f"{tag} fvu {rec['fvu']:.3f} L0 {rec['l0']:.1f} dead {rec['dead_fraction']:.1%}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    bar.set_postfix_str(" | ".join(post), refresh=False)
+
+
+def _truncate_log(path: Path, step: int):
+    """Drop log lines past `step` (written before an interruption, about to be redone)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+# ---- checkpoints ----
+
+def _save_checkpoint(path, runs, train_cfg, batches, gen, step, tokens, consumed, wall):
+    state_fn = getattr(batches, "state_dict", None)
+    ckpt = {
+        "version": CHECKPOINT_VERSION, "step": step, "tokens": tokens, "batches_consumed": consumed,
+        "wall_s": wall, "train_cfg": train_cfg.to_dict(), "generator": gen.get_state(),
+        "data_state": state_fn() if callable(state_fn) else None,
+        "saes": [{"cfg": r.sae.cfg.to_dict(), "state_dict": r.sae.state_dict(), "optimizer": r.optimizer.state_dict(),
+                  "tokens_since_fired": r.tokens_since_fired.cpu(), "data_stats": r.data_stats, "lr": r.lr}
+                 for r in runs],
+    }
+    atomic_write_bytes(path, torch_bytes(ckpt))
+
+
+def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[_Run]:
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+    saved_tc, now_tc = ckpt["train_cfg"], train_cfg.to_dict()
+    changed = sorted(k for k in now_tc if k not in _RESUME_FREE and saved_tc.get(k) != now_tc[k])
+    if changed:
+        raise ValueError(f"{path}: TrainConfig differs from the checkpoint in {changed}; resume needs the same settings")
+    if len(ckpt["saes"]) != len(cfgs):
+        raise ValueError(f"{path}: checkpoint has {len(ckpt['saes'])} SAEs, {len(cfgs)} were requested")
+    runs = []
+    for cfg, saved in zip(cfgs, ckpt["saes"]):
+        saved_cfg = SAEConfig.from_dict(saved["cfg"])
+        a, b = cfg.to_dict(), replace(saved_cfg, input_scale=cfg.input_scale).to_dict()
+        if a != b:
+            diff = sorted(k for k in a if a[k] != b[k])
+            raise ValueError(f"{path}: SAE {cfg.folder_name!r} config differs from the checkpoint in {diff}")
+        run = _new_run(saved_cfg, train_cfg, device, torch.Generator())  # weights are overwritten next
+        run.sae.load_state_dict(saved["state_dict"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.tokens_since_fired = saved["tokens_since_fired"].to(device)
+        run.data_stats, run.lr = saved["data_stats"], saved["lr"]
+        runs.append(run)
+    gen.set_state(ckpt["generator"])
+    return runs
+
+
+def _resume_stream(batches, ckpt, say):
+    load_fn = getattr(batches, "load_state_dict", None)
+    if ckpt["data_state"] is not None and callable(load_fn):
+        load_fn(ckpt["data_state"])
+        return iter(batches)
+    if ckpt["data_state"] is not None:
+        raise ValueError("checkpoint holds a data position but the stream has no load_state_dict()")
+    it = iter(batches)
+    for i in range(ckpt["batches_consumed"]):
+        try:
+            next(it)
+        except StopIteration:
+            raise ValueError(f"resume: the stream ended after {i} batches, the checkpoint consumed "
+                             f"{ckpt['batches_consumed']}") from None
+    say(f"skipped {ckpt['batches_consumed']} batches to reach the checkpoint's data position")
+    return it
+
+
+# ---- held-out phases ----
+
+class ThresholdCalibrator:
+    """Finds the uniform θ at which a BatchTopK SAE's mean L0 equals k on the data it sees.
+
+    One pass: counts of positive activations in 8192 geometric bins spanning 2^±12 around the
+    training EMA (0.3% wide), then log-linear interpolation inside the bin where the count of
+    activations above θ crosses k·tokens."""
+
+    bins = 8192
+    span = 2.0 ** 12
+
+    def __init__(self, sae: BatchTopKSAE):
+        self.sae = sae
+        ema = float(sae.threshold)
+        self.center = ema if ema > 0 else 1.0
+        self.counts = torch.zeros(self.bins + 2, dtype=torch.int64)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, x_normed: torch.Tensor):
+        lo, log_range = math.log(self.center / self.span), math.log(self.span ** 2)
+        rows = max(1, (1 << 22) // self.sae.cfg.d_sae)
+        for s in range(0, x_normed.shape[0], rows):
+            acts = torch.relu(self.sae.pre_acts(x_normed[s:s + rows]))
+            pos = acts[acts > 0]
+            b = ((torch.log(pos) - lo) / log_range * self.bins).floor().clamp(-1, self.bins).long() + 1
+            self.counts += torch.bincount(b, minlength=self.bins + 2).cpu()
+        self.n_tokens += x_normed.shape[0]
+
+    def threshold(self) -> float | None:
+        """θ, or None if it falls outside the binned range (then the EMA is kept)."""
+        target = self.sae.cfg.k * self.n_tokens
+        if self.n_tokens == 0 or int(self.counts.sum()) < target:
+            return 0.0 if self.n_tokens else None  # fewer positives than k per token: keep them all
+        above = int(self.counts[-1])
+        if above >= target:
+            return None
+        edge = lambda i: self.center / self.span * self.span ** (2 * i / self.bins)  # noqa: E731
+        for i in range(self.bins, 0, -1):  # bin i covers [edge(i-1), edge(i))
+            c = int(self.counts[i])
+            if above + c >= target:
+                frac = (target - above) / c
+                return edge(i) * (edge(i - 1) / edge(i)) ** frac
+            above += c
+        return None
+
+
+def _take_tokens(it, n_tokens: int):
+    """Yield batches from the stream until n_tokens tokens (of the first hook) have been handed out."""
+    seen = 0
+    while seen < n_tokens:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        first = next(iter(batch.values()))
+        seen += first.numel() // first.shape[-1]
+        yield batch
+
+
+def _calibrate_thresholds(runs, it, train_cfg, device, say) -> dict:
+    calibrators = {id(r): ThresholdCalibrator(r.sae) for r in runs if isinstance(r.sae, BatchTopKSAE)}
+    if not calibrators or train_cfg.calibration_tokens <= 0:
+        return {}
+    for batch in _take_tokens(it, train_cfg.calibration_tokens):
+        for r in runs:
+            if id(r) in calibrators:
+                calibrators[id(r)].update(_hook_batch(batch, r.sae.cfg.hook_name, device) * r.sae.cfg.input_scale)
+    result = {}
+    for r in runs:
+        if id(r) not in calibrators:
+            continue
+        cal, ema = calibrators[id(r)], float(r.sae.threshold)
+        theta = cal.threshold()
+        if theta is None:
+            say(f"{r.sae.cfg.folder_name}: could not calibrate the threshold on {cal.n_tokens} tokens; keeping the EMA {ema:.4g}")
+            theta = ema
+        r.sae.threshold.fill_(theta)
+        result[id(r)] = {"threshold_ema": ema, "threshold_calibrated": theta, "calibration_tokens": cal.n_tokens}
+    return result
+
+
+@torch.no_grad()
+def _evaluate(runs, it, train_cfg, device, say) -> list[SAEMetrics | None]:
+    if train_cfg.eval_tokens <= 0:
+        return [None] * len(runs)
+    exported = [r.sae.export() for r in runs]
+    accs = [SAEMetrics(r.sae.cfg.d_sae) for r in runs]
+    for batch in _take_tokens(it, train_cfg.eval_tokens):
+        for sae, acc in zip(exported, accs):
+            x = _hook_batch(batch, sae.cfg.hook_name, device)
+            codes = sae.encode(x)
+            acc.update(x, sae.decode(codes), codes)
+    if accs[0].n_tokens == 0:
+        say("no held-out tokens left in the stream: skipping evaluation (no eval.json metrics, no sparsity file)")
+        return [None] * len(runs)
+    return accs
+
+
+def _export(r: _Run, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens) -> SAE:
+    r.sae.cfg = replace(r.sae.cfg, train_tokens=tokens)
+    sae = r.sae.export()
+    training = {"steps": step, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": tokens / wall if wall > 0 else None,
+                "lr": r.lr, "dead_window_tokens": dead_tokens,
+                "dead_fraction_train": float((r.tokens_since_fired >= dead_tokens).double().mean()),
+                **r.data_stats, **thresholds.get(id(r), {})}
+    report = {"sae": sae.cfg.folder_name, "hook_name": sae.cfg.hook_name, "layer": sae.cfg.layer,
+              "architecture": r.sae.cfg.architecture, "exported_as": sae.cfg.architecture,
+              "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "training": training,
+              "decoder_max_cosine": decoder_max_cosine(sae.W_dec)}
+    sparsity = None
+    if acc is not None:
+        report["metrics"] = acc.compute()
+        sparsity = acc.log10_density()
+        report["log10_density_histogram"] = log_density_histogram(sparsity)
+    state = {"cfg": r.sae.cfg.to_dict(), "train_cfg": train_cfg.to_dict(), "state_dict": r.sae.state_dict(),
+             "optimizer": r.optimizer.state_dict(), "tokens_since_fired": r.tokens_since_fired.cpu(),
+             "step": step, "tokens": tokens, "data_stats": r.data_stats}
+    extra = {"train_tokens": tokens}
+    if acc is not None:
+        extra.update(fvu=report["metrics"]["fvu"], l0=report["metrics"]["l0"])
+    folder = out / sae.cfg.folder_name
+    save_sae(sae, folder, sparsity=sparsity, extra=extra,
+             extra_files={"eval.json": json.dumps(report, indent=2).encode(), "training_state.pt": torch_bytes(state)})
+    if train_cfg.export_sparsify and sae.cfg.architecture == "topk":
+        save_sparsify(sae, out / "sparsify" / sae.cfg.folder_name)
+    return sae

@@ -1,0 +1,120 @@
+"""
+Train SAEs on a nanochat model's activations, one per layer, from one shared activation stream.
+
+    python -m scripts.sae_train --layers 4,10,16                       # the demo / latest base model
+    python -m scripts.sae_train --layers 10 --arch topk --k 64 --expansion 16 --tokens 50000000 \
+        --checkpoint ~/.cache/nanochat/base_checkpoints/d20 --out atlas_out/saes
+    python -m scripts.sae_train --layers 4,10,16 --out atlas_out/saes --resume   # after an interruption
+    python -m scripts.sae_train --checkpoint path/to/model_000650.pt --layer 10  # the PR #169 form
+
+Writes OUT/<hook name>/ per SAE (SAELens cfg.json + sae_weights.safetensors + sparsity.safetensors,
+eval.json with training-stream and spliced val metrics, training_state.pt) and OUT/checkpoint.pt
+(resumable state). Underscore spellings of every flag work too (--expansion_factor, --hook_type,
+--output_dir, --num_activations, --learning_rate, --batch_size, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sae.config import ARCHITECTURES
+from sae.hooks import HOOK_KINDS
+from sae.train_run import RunConfig, run_training
+
+# the PR #169 CLI's short hook names
+_HOOK_ALIASES = {"attn": "attn_out", "mlp": "mlp_out"}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_training(run_config(args))
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.sae_train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    add = _adder(p)
+    add("--layers", "--layer", help="comma-separated layers, e.g. 4,10,16 (default: n/4, n/2, 3n/4)")
+    add("--hook", "--hook-type", default="resid_post",
+        help=f"hook kind: {', '.join(k.removeprefix('hook_') for k in HOOK_KINDS)} "
+             f"(also attn = attn_out, mlp = mlp_out)")
+    add("--arch", "--activation", "--architecture", default="batchtopk", choices=ARCHITECTURES,
+        metavar="ARCH", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default batchtopk)")
+    add("--width", type=int, help="latents per SAE (default: expansion × d_model)")
+    add("--expansion", "--expansion-factor", type=float, default=8.0, help="width / d_in when --width is not given (default 8)")
+    add("--k", type=int, default=32, help="active latents per token for topk/batchtopk (default 32)")
+    add("--l1-coefficient", type=float, help="sparsity weight for relu/gated/jumprelu")
+    add("--tokens", "--num-activations", type=int, default=2_000_000,
+        help="training tokens per SAE (default 2,000,000)")
+    add("--num-epochs", type=int, default=1,
+        help="PR #169 compatibility: multiplies --tokens (fresh tokens are streamed, not repeated)")
+    add("--batch-size", type=int, default=4096, help="tokens per optimizer step (default 4096)")
+    add("--lr", "--learning-rate", type=float, help="Adam learning rate (default 2e-4/sqrt(width/16384)·sqrt(batch/8192))")
+    add("--checkpoint", help="nanochat checkpoint dir or model_<step>.pt (default: latest base model "
+                             "under $NANOCHAT_BASE_DIR, else the demo model)")
+    add("--data", help="corpus file or dir (.parquet/.txt/.jsonl; default: the model's own corpus)")
+    add("--out", "--output-dir", default="atlas_out/saes", help="output dir (default atlas_out/saes)")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    add("--device", help="cuda, mps or cpu (default: best available)")
+    add("--seq-len", type=int, help="window length in tokens, BOS included (default: the model's)")
+    add("--buffer-tokens", type=int, help="shuffle-buffer size in tokens (default: by --buffer-mb)")
+    add("--buffer-mb", type=float, default=1024.0, help="shuffle-buffer memory budget (default 1024)")
+    add("--cache-activations", action="store_true",
+        help="store the stream's activations on disk and reuse them in later runs with the same "
+             "model, corpus, hooks and token count")
+    add("--cache-dir", help="activation cache root (default $NANOCHAT_ATLAS_CACHE/activations)")
+    add("--cache-dtype", default="float16", choices=("float16", "float32"))
+    add("--eval-tokens", type=int, default=32_768,
+        help="val-split tokens for the spliced evaluation (ΔCE, KL); 0 skips it (default 32768)")
+    add("--seed", type=int, default=0)
+    add("--quiet", action="store_true", help="no progress bars or messages")
+    add("--prepare-neuronpedia", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def run_config(args) -> RunConfig:
+    if args.prepare_neuronpedia:
+        raise ValueError("--prepare_neuronpedia is not part of training here: train, then run "
+                         "python -m scripts.neuronpedia_export")
+    if args.num_epochs < 1:
+        raise ValueError(f"--num-epochs={args.num_epochs}: expected >= 1")
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in str(args.layers).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: expected comma-separated integers") from None
+    hook = args.hook.removeprefix("hook_")
+    return RunConfig(layers=layers, hook=_HOOK_ALIASES.get(hook, hook), architecture=args.arch,
+                     width=args.width, expansion=args.expansion, k=args.k,
+                     l1_coefficient=args.l1_coefficient, tokens=args.tokens * args.num_epochs,
+                     batch_size=args.batch_size, lr=args.lr, checkpoint=args.checkpoint,
+                     data=args.data, out=args.out, resume=args.resume, device=args.device,
+                     seq_len=args.seq_len, buffer_tokens=args.buffer_tokens,
+                     buffer_mb=args.buffer_mb, cache_activations=args.cache_activations,
+                     cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
+                     eval_tokens=args.eval_tokens, seed=args.seed, quiet=args.quiet)
+
+
+def _adder(parser: argparse.ArgumentParser):
+    """add('--foo-bar', '--baz', ...) also accepts --foo_bar and --baz spelled with underscores."""
+    def add(*flags, **kwargs):
+        names = []
+        for f in flags:
+            for spelling in (f, f.replace("-", "_").replace("__", "--", 1)):
+                if spelling not in names:
+                    names.append(spelling)
+        kwargs.setdefault("dest", flags[0].lstrip("-").replace("-", "_"))
+        return parser.add_argument(*names, **kwargs)
+    return add
+
+
+if __name__ == "__main__":
+    sys.exit(main())
