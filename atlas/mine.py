@@ -15,11 +15,12 @@ Notable choices:
   earliest position); densities, counts and histogram counts are exact integers; the activation
   histogram has exact bins over [0, 2^e] (see stats.ActivationHistogram).
 - Interval examples are a uniform random sample of the non-zero activations (a bottom-k priority
-  sample keyed by a hash of the position), binned at the end by quantiles of a larger such sample
-  (`quantile_sample` values; exact quantiles for latents that fired fewer times). Each bin's
-  examples are a uniform sample of that bin; a bin may hold fewer than `per_bin` examples when
-  the sample is short (`interval_oversample` makes that rare). `frac` is the bin's share of the
-  non-zero activations in the sample.
+  sample keyed by a hash of the position), binned at the end into `n_bins` quantile bins whose
+  edges sit on the boundaries of an exact 1024-bin histogram (`quantile_bins`): each edge is the
+  first boundary with at least j/n_bins of the activations below it, so edges are within one fine
+  bin of the true quantiles and `frac` (the bin's share of the non-zero activations) is exact.
+  Each bin's examples are a uniform sample of that bin; a bin may hold fewer than `per_bin`
+  examples when few sampled activations fall in it (`interval_oversample` makes that rare).
 - Windows come from the model's own BOS-aligned windows: `ctx_before` tokens before and
   `ctx_after` after the activating token, clipped at the window's ends, BOS included where
   reached (its activation is 0: BOS is never encoded nor counted). `token_pos` is the document
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -84,10 +86,10 @@ class MineConfig:
     n_bins: int = 5                 # interval (quantile) bins
     per_bin: int = 5                # examples per interval bin
     interval_oversample: int = 3    # sampled windows per latent = n_bins x per_bin x this
-    quantile_sample: int = 256      # sampled values per latent for the quantile edges
     ctx_before: int = 24            # window tokens before the activating token
     ctx_after: int = 8              # window tokens after it
-    hist_bins: int = 64             # activation histogram bins (power of two)
+    hist_bins: int = 64             # activation histogram bins shown (power of two)
+    quantile_bins: int = 1024       # exact histogram bins behind the quantile edges (power of two)
     logit_hist_bins: int = 50       # logit-effect histogram bins
     n_logits: int = 10              # top positive / negative logit tokens
     n_neighbors: int = 10           # neighbours per latent and kind
@@ -102,9 +104,16 @@ class MineConfig:
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"MineConfig.tokens={self.tokens}: expected a positive count or None")
         for key in ("batch_tokens", "chunk_tokens", "top_k", "n_bins", "per_bin",
-                    "interval_oversample", "quantile_sample", "n_logits", "token_top"):
+                    "interval_oversample", "n_logits", "token_top"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"MineConfig.{key}={getattr(self, key)}: expected > 0")
+        for key in ("hist_bins", "quantile_bins"):
+            n = getattr(self, key)
+            if n < 2 or n & (n - 1):
+                raise ValueError(f"MineConfig.{key}={n}: expected a power of two >= 2")
+        if self.quantile_bins < self.hist_bins:
+            raise ValueError(f"MineConfig.quantile_bins={self.quantile_bins} must be >= "
+                             f"hist_bins={self.hist_bins}")
         if self.ctx_before < 0 or self.ctx_after < 0:
             raise ValueError("MineConfig.ctx_before/ctx_after must be >= 0")
 
@@ -130,8 +139,9 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
                   cfg: MineConfig, quiet: bool = False) -> dict:
     """Mine every SAE in one pass over `corpus` (its cfg.split) and write `store_path`.
 
-    Returns a summary: store, sae_ids, tokens, documents, seconds, tokens_per_s, skipped,
-    resumed_from (tokens already mined by an interrupted run)."""
+    Returns a summary: store, sae_ids, fingerprint, skipped, tokens, documents, seconds,
+    pass_seconds (the streaming pass), finalize_seconds (tables, labels, writing),
+    tokens_per_s (of the pass), resumed_from (tokens already mined by an interrupted run)."""
     t0 = time.time()
     store_path = Path(store_path)
     model, tokenizer = source.model, source.tokenizer
@@ -146,7 +156,8 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
     if not cfg.force and _store_is_current(store_path, fingerprint, sae_ids):
         _log(quiet, f"{store_path} is up to date with these inputs (fingerprint {fingerprint[:12]})")
         return {**summary, "skipped": True, "tokens": None, "documents": None, "seconds": 0.0,
-                "tokens_per_s": None, "resumed_from": None}
+                "pass_seconds": 0.0, "finalize_seconds": 0.0, "tokens_per_s": None,
+                "resumed_from": None}
 
     vocab_size = tokenizer.get_vocab_size()
     run = _Run(saes, cfg, seq_len, vocab_size, device)
@@ -154,11 +165,13 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
     resumed_from = run.load(state_dir, fingerprint, cfg.force)
     if resumed_from:
         _log(quiet, f"resuming from {state_dir}: {resumed_from:,} tokens already mined")
+    t_pass = time.time()
     if not run.done:
         run.stream(model, tokenizer, corpus, state_dir, fingerprint, quiet)
     if run.n_tokens == 0:
         raise ValueError(f"empty corpus: the {cfg.split!r} split of {corpus} has no tokens to mine")
-    seconds_mined = time.time() - t0
+    pass_seconds = time.time() - t_pass
+    t_final = time.time()
     tables = [_sae_tables(s, run, model, tokenizer, cfg) for s in saes]
     meta = _meta(source, corpus, corpus_files, seq_len, run, cfg, fingerprint)
     _write_store(store_path, tables, _vocab_table(tokenizer), run.token_counts.count.cpu().numpy(),
@@ -168,7 +181,9 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
     _log(quiet, f"mined {run.n_tokens:,} tokens of {run.n_docs:,} documents for {len(saes)} SAE(s) "
                 f"in {seconds:.1f}s -> {store_path}")
     return {**summary, "skipped": False, "tokens": run.n_tokens, "documents": run.n_docs,
-            "seconds": seconds, "tokens_per_s": (run.n_tokens - resumed_from) / max(seconds_mined, 1e-9),
+            "seconds": seconds, "pass_seconds": pass_seconds,
+            "finalize_seconds": time.time() - t_final,
+            "tokens_per_s": (run.n_tokens - resumed_from) / max(pass_seconds, 1e-9),
             "resumed_from": resumed_from}
 
 
@@ -238,7 +253,8 @@ def _check_trained_on(path: Path, c, source) -> None:
 
 
 def _read_evals(path: Path) -> dict:
-    """fvu, l0, dead_frac, delta_ce, kl, ce_recovered from eval.json (top level or one level down)."""
+    """fvu, l0, dead_frac, delta_ce, kl, ce_recovered from eval.json: the held-out "val" section
+    (sae.evaluator) first, then the trainer's "metrics", then the top level."""
     f = path / "eval.json"
     if not f.exists():
         return {}
@@ -246,15 +262,19 @@ def _read_evals(path: Path) -> dict:
         raw = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{f}: expected a JSON object")
     aliases = {"fvu": ("fvu",), "l0": ("l0",), "dead_frac": ("dead_frac", "dead_fraction"),
                "delta_ce": ("delta_ce",), "kl": ("kl",), "ce_recovered": ("ce_recovered",)}
-    scopes = [raw] + [v for v in raw.values() if isinstance(v, dict)] if isinstance(raw, dict) else []
+    scopes = [raw.get("val"), raw.get("metrics"), raw]
     out = {}
     for key, names in aliases.items():
         for scope in scopes:
+            if not isinstance(scope, dict):
+                continue
             hit = next((scope[n] for n in names if isinstance(scope.get(n), (int, float))), None)
             if hit is not None:
-                out[key] = float(hit)
+                out[key] = float(hit) if math.isfinite(hit) else None
                 break
     return out
 
@@ -276,10 +296,10 @@ class _Run:
     def __init__(self, saes, cfg: MineConfig, seq_len: int, vocab_size: int, device):
         self.saes, self.cfg, self.seq_len, self.device = saes, cfg, seq_len, device
         self.stats = {s.sae_id: SaeStats(
-            s.sae.cfg.d_sae, cfg.window, cfg.top_k, cfg.n_bins * cfg.per_bin * cfg.interval_oversample,
-            max(cfg.quantile_sample, cfg.n_bins * cfg.per_bin * cfg.interval_oversample),
-            cfg.label_negatives, cfg.hist_bins, s.sae.cfg.d_sae <= cfg.coactivation_max_features,
-            cfg.seed, device) for s in saes}
+            s.sae.cfg.d_sae, vocab_size, cfg.window, cfg.top_k,
+            cfg.n_bins * cfg.per_bin * cfg.interval_oversample, cfg.label_negatives,
+            cfg.quantile_bins, s.sae.cfg.d_sae <= cfg.coactivation_max_features, cfg.seed, device)
+            for s in saes}
         self.token_counts = TokenCounts(vocab_size, device)
         self.n_tokens = 0
         self.n_docs = 0
@@ -329,9 +349,7 @@ class _Run:
         self.token_counts.update(b.token)
         for s in self.saes:
             x = acts[s.hook].reshape(b.idx.numel(), -1)[b.flat].float()
-            codes = s.sae.encode(x).float()
-            rows, group = (codes > 0).nonzero(as_tuple=True)
-            value = codes[rows, group]
+            codes, rows, group, value = _encode(s.sae, x)
             self.stats[s.sae_id].update(
                 b.key, b.token, rows, group, value,
                 windows=lambda r, f, codes=codes: b.windows(r, f, codes),
@@ -368,6 +386,24 @@ class _Run:
         self.last_window = tuple(state["last_window"]) if state["last_window"] else None
         self.done = bool(state["done"])
         return self.n_tokens
+
+
+def _encode(sae, x: torch.Tensor):
+    """Dense codes and their non-zero (row, latent, value) triplets, rows ascending and latents
+    ascending within a row. A TopK SAE's sparse encode already says where its non-zeros are, so
+    the dense codes are not scanned (the dense codes are built exactly as its `encode` does)."""
+    if hasattr(sae, "encode_topk"):
+        values, indices = sae.encode_topk(x)
+        indices, order = indices.sort(dim=1)
+        values = values.gather(1, order).float()
+        codes = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=values.dtype,
+                            device=x.device).scatter_(1, indices, values)
+        keep = (values > 0).reshape(-1)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        return codes, rows[keep], indices.reshape(-1)[keep], values.reshape(-1)[keep]
+    codes = sae.encode(x).float()
+    rows, group = (codes > 0).nonzero(as_tuple=True)
+    return codes, rows, group, codes[rows, group]
 
 
 @dataclass
@@ -439,7 +475,8 @@ def _sae_tables(s: _Sae, run: _Run, model, tokenizer, cfg: MineConfig) -> dict[s
         "examples": _concat_examples([top, intervals], s.sae_id),
         "interval_bins": _with_sae(bins, s.sae_id),
         "logit_effects": _with_sae(logits, s.sae_id),
-        "histograms": _with_sae(pa.concat_tables([_activation_histograms(st), logit_hist]), s.sae_id),
+        "histograms": _with_sae(pa.concat_tables([_activation_histograms(st, cfg.hist_bins), logit_hist]),
+                                 s.sae_id),
         "neighbors": _with_sae(_neighbors(s, st, cfg), s.sae_id),
         "token_features": _with_sae(_token_features(st, run.token_counts, cfg), s.sae_id),
     }
@@ -478,8 +515,8 @@ def _slot_examples(slots, kind: str, bins, cfg: MineConfig, keep=None) -> dict:
     feat, slot = np.nonzero(mask)
     key = slots.key.cpu().numpy()[feat, slot]
     doc, pos = split_keys(torch.from_numpy(key))
-    tokens = slots.payload["tokens"].cpu().numpy()[feat, slot]
-    acts = slots.payload["acts"].cpu().numpy()[feat, slot]
+    tokens = slots.ranked("tokens").cpu().numpy()[feat, slot]
+    acts = slots.ranked("acts").cpu().numpy()[feat, slot]
     inside = tokens >= 0
     center = cfg.ctx_before - (~inside[:, :cfg.ctx_before]).sum(1)
     rank = slot + 1 if bins is None else bins["rank"][feat, slot]
@@ -491,35 +528,38 @@ def _slot_examples(slots, kind: str, bins, cfg: MineConfig, keep=None) -> dict:
 
 
 def _interval_examples(st: SaeStats, cfg: MineConfig) -> tuple[pa.Table, dict]:
-    """Quantile bin edges from the value sample; per bin, the first per_bin sampled windows."""
-    nb = cfg.n_bins
-    filled, values = st.values.filled.cpu(), st.values.value.cpu()
-    n_f = filled.sum(1)
-    vals = torch.where(filled, values, float("inf")).sort(1).values
-    j = torch.arange(1, nb)
-    idx = ((j[None, :] * n_f[:, None]) // nb).clamp(max=(n_f[:, None] - 1).clamp(min=0))
-    interior = vals.gather(1, idx)  # [d, nb-1]
-    lo = torch.cat([st.moments.min.cpu()[:, None], interior], 1)
-    hi = torch.cat([interior, st.moments.max.cpu()[:, None]], 1)
-    vbin = (values[:, :, None] >= interior[:, None, :]).sum(-1)
-    counts = torch.zeros(filled.shape[0], nb, dtype=torch.int64).scatter_add_(
-        1, vbin, filled.long())
-    frac = counts.double() / n_f.clamp(min=1)[:, None].double()
-    live = (n_f > 0).numpy()
+    """Quantile bins on the fine histogram's boundaries; per bin, the first per_bin sampled windows."""
+    h, nb = st.hist, cfg.n_bins
+    bounds = h.quantile_boundaries(nb).cpu()  # [d, nb-1] fine-bin boundaries
+    width = h.width().cpu()
+    cum = h.counts.cpu().cumsum(1, dtype=torch.int64)
+    n = cum[:, -1:]
+    below = cum.gather(1, (bounds - 1).clamp(min=0)) * (bounds >= 1)  # activations below each edge
+    frac = (torch.cat([torch.zeros_like(n), below, n], 1).diff(dim=1).double()
+            / n.clamp(min=1).double())
+    lo_act, hi_act = st.moments.min.cpu().double(), st.moments.max.cpu().double()
+    edges = torch.cat([lo_act[:, None], bounds.double() * width[:, None], hi_act[:, None]], 1)
+    edges = torch.maximum(torch.minimum(edges, hi_act[:, None]), lo_act[:, None])
+    live = (n[:, 0] > 0).numpy()
     feat = np.repeat(np.nonzero(live)[0], nb)
     b = np.tile(np.arange(nb), int(live.sum()))
     bins_table = pa.table({
         "feature": pa.array(feat.astype(np.int32)), "bin": pa.array(b.astype(np.int32)),
-        "lo": pa.array(lo.numpy()[feat, b].astype(np.float32)),
-        "hi": pa.array(hi.numpy()[feat, b].astype(np.float32)),
-        "frac": pa.array(frac.numpy()[feat, b].astype(np.float64))})
-    # the sample's slots are in priority order: rank within (feature, bin) is a running count
-    sfilled = st.samples.filled.cpu()
-    sbin = (st.samples.value.cpu()[:, :, None] >= interior[:, None, :]).sum(-1)
+        "lo": pa.array(edges[:, :-1].numpy()[feat, b].astype(np.float32)),
+        "hi": pa.array(edges[:, 1:].numpy()[feat, b].astype(np.float32)),
+        "frac": pa.array(frac.numpy()[feat, b])})
+    # a sampled activation's bin follows from its fine bin, exactly as the histogram counted it;
+    # the sample's slots are in priority order, so rank within (feature, bin) is a running count
+    samples = st.samples
+    sfilled = samples.filled.cpu()
+    d, k = sfilled.shape
+    fine = h.bin_index(torch.arange(d, device=h.exp.device).repeat_interleave(k),
+                       samples.value.reshape(-1)).view(d, k).cpu()
+    sbin = (fine[:, :, None] >= bounds[:, None, :]).sum(-1)
     onehot = torch.nn.functional.one_hot(sbin, nb) * sfilled[:, :, None]
     rank = onehot.cumsum(1).gather(2, sbin[:, :, None]).squeeze(2)
     keep = (sfilled & (rank <= cfg.per_bin)).numpy()
-    ex = _slot_examples(st.samples, "interval", {"bin": sbin.numpy(), "rank": rank.numpy()}, cfg,
+    ex = _slot_examples(samples, "interval", {"bin": sbin.numpy(), "rank": rank.numpy()}, cfg,
                         keep=keep)
     order = np.lexsort((ex["rank"], ex["bin"], ex["feature"]))
     ex = {k: (v[order] if isinstance(v, np.ndarray) else v) for k, v in ex.items()}
@@ -549,17 +589,18 @@ def _list_column(values: np.ndarray, mask: np.ndarray, typ) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[mask], typ))
 
 
-def _activation_histograms(st: SaeStats) -> pa.Table:
+def _activation_histograms(st: SaeStats, n_bins: int) -> pa.Table:
+    """Display histograms: the fine bins summed n_bins-fold, trailing empty bins dropped."""
     h = st.hist
-    counts = h.counts.cpu().numpy()
+    counts = h.coarsened(n_bins).cpu().numpy()
     exp = h.exp.cpu().numpy()
     live = np.nonzero(exp != h.NO_DATA)[0]
     used = counts[live] > 0
-    n_used = h.n_bins - np.argmax(used[:, ::-1], axis=1)  # bins up to the last non-empty one
-    width = np.ldexp(1.0, exp[live].astype(np.int32)) / h.n_bins
-    edge_mask = np.arange(h.n_bins + 1)[None, :] <= n_used[:, None]
-    edges = np.arange(h.n_bins + 1)[None, :] * width[:, None]
-    count_mask = np.arange(h.n_bins)[None, :] < n_used[:, None]
+    n_used = n_bins - np.argmax(used[:, ::-1], axis=1)  # bins up to the last non-empty one
+    width = np.ldexp(1.0, exp[live].astype(np.int32)) / n_bins
+    edge_mask = np.arange(n_bins + 1)[None, :] <= n_used[:, None]
+    edges = np.arange(n_bins + 1)[None, :] * width[:, None]
+    count_mask = np.arange(n_bins)[None, :] < n_used[:, None]
     return pa.table({
         "feature": pa.array(live.astype(np.int32)),
         "kind": pa.array(["activation"] * len(live), pa.string()),
@@ -634,15 +675,17 @@ def _neighbors(s: _Sae, st: SaeStats, cfg: MineConfig) -> pa.Table:
     if k <= 0:
         return _neighbor_table([])
     step = max(1, (1 << 24) // d)
-    count = st.moments.count.to(W.device).double()
+    count = st.moments.count.to(W.device)
+    coact = st.coact.symmetric(count) if st.coact is not None else None
+    count = count.double()
     for start in range(0, d, step):
         rows = torch.arange(start, min(d, start + step), device=W.device)
         sim = W[rows] @ W.t()
         sim[torch.arange(len(rows)), rows] = float("-inf")
         top = sim.topk(k, dim=1)
         parts.append(("decoder_cos", rows, top.values, top.indices, None))
-        if st.coact is not None:
-            c = st.coact.counts[rows].double()
+        if coact is not None:
+            c = coact[rows].double()
             jac = c / (count[rows][:, None] + count[None, :] - c).clamp(min=1)
             jac[torch.arange(len(rows)), rows] = -1.0
             jac[c == 0] = -1.0
@@ -692,11 +735,12 @@ def _labels(st: SaeStats, top: dict, intervals: dict, logit_tokens: np.ndarray, 
     by_feature_pos = _windows_by_feature(intervals)
     rnd = st.random
     r_filled = rnd.filled[0].cpu().numpy()
-    r_tokens = rnd.payload["tokens"][0].cpu().numpy()[r_filled]
-    r_active = rnd.payload["active"][0].cpu().numpy()[r_filled]
+    r_tokens = rnd.ranked("tokens")[0].cpu().numpy()[r_filled]
+    r_active = rnd.ranked("active")[0].cpu().numpy()[r_filled]
     r_pos = split_keys(rnd.key[0][torch.from_numpy(r_filled)].cpu())[1].numpy()
-    negatives = [_window(r_tokens[i], cfg.ctx_before - int((r_tokens[i, :cfg.ctx_before] < 0).sum()),
-                         int(r_pos[i]), 0.0) for i in range(len(r_tokens))]
+    r_center = cfg.ctx_before - (r_tokens[:, :cfg.ctx_before] < 0).sum(1)
+    negatives = [L.Window(t, c, p) for t, c, p in
+                 zip(_token_lists(r_tokens), r_center.tolist(), r_pos.tolist())]
     out = {k: [None] * d for k in ("label", "rule", "f1", "precision", "recall")}
     out["flags"] = [[] for _ in range(d)]
     for f in range(d):
@@ -717,14 +761,19 @@ def _labels(st: SaeStats, top: dict, intervals: dict, logit_tokens: np.ndarray, 
 
 def _windows_by_feature(ex: dict) -> dict[int, list[L.Window]]:
     out: dict[int, list[L.Window]] = {}
-    for i in range(len(ex["feature"])):
-        w = _window(ex["tokens"][i], int(ex["center"][i]), int(ex["token_pos"][i]), float(ex["act"][i]))
-        out.setdefault(int(ex["feature"][i]), []).append(w)
+    for f, tokens, center, pos, act in zip(ex["feature"].tolist(), _token_lists(ex["tokens"]),
+                                           ex["center"].tolist(), ex["token_pos"].tolist(),
+                                           ex["act"].tolist()):
+        out.setdefault(f, []).append(L.Window(tokens, center, pos, act))
     return out
 
 
-def _window(tokens: np.ndarray, center: int, token_pos: int, act: float) -> L.Window:
-    return L.Window(tuple(int(t) for t in tokens if t >= 0), center, token_pos, act)
+def _token_lists(tokens: np.ndarray) -> list[tuple[int, ...]]:
+    """Rows of a -1-padded [n, window] array as tuples of their token ids."""
+    inside = tokens >= 0
+    flat = tokens[inside].tolist()
+    ends = np.cumsum(inside.sum(1)).tolist()
+    return [tuple(flat[a:b]) for a, b in zip([0] + ends[:-1], ends)]
 
 
 def _saes_row(s: _Sae, run: _Run, model) -> pa.Table:

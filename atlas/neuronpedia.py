@@ -46,6 +46,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from atlas import saedashboard
@@ -140,7 +141,7 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportConfig:
-    release: str = "nanochat-atlas"          # SourceRelease.name, shown at neuronpedia.org/{release}
+    release: str = "nanochat-atlas"          # SourceRelease.name: neuronpedia.org/{release}
     creator_id: str = BOT_CREATOR_ID
     creator_name: str = "nanochat-atlas"
     url: str | None = None                   # project page; goes into urls and API bodies
@@ -196,7 +197,7 @@ class Feature:
     corr_cos: list[float | None]
     label: str | None
     label_notes: str | None
-    examples: list[Example] = field(default_factory=list)
+    examples: list[Example]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -224,15 +225,16 @@ def export_neuronpedia(
         created_at = (naive_utc(cfg.created_at, "--created-at") if cfg.created_at
                       else _created_at(meta, store_path))
         sources = _plan_sources(con, meta, model_id, source_set)
-        vocab, bos_id = _load_vocab(con)
+        vocab, known, bos_id = _load_vocab(con)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            ctx = _Context(cfg, meta, created_at, vocab, bos_id, tmp, quiet)
+            ctx = _Context(cfg, meta, created_at, vocab, known, bos_id, tmp, quiet,
+                           _corpus(meta, "name"))
             summaries = [_export_source(con, ctx, src, sources) for src in sources]
             api = _write_api_plan(ctx, sources, summaries)
             _write_readme(ctx, sources, summaries)
-            manifest = _write_manifest(ctx, sources, summaries)
+            manifest = _write_manifest(ctx, summaries)
             _swap_in(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,8 +263,8 @@ def model_id_from_checkpoint(checkpoint: str | None) -> str | None:
     if not checkpoint:
         return None
     parts = Path(checkpoint).parts
-    for i, part in enumerate(parts):
-        m = re.fullmatch(r"d(\d+)\w*", part)
+    for i in reversed(range(len(parts))):  # nanochat: {phase}_checkpoints/d{depth}/model_*.pt
+        m = re.fullmatch(r"d(\d+)\w*", parts[i])
         if m:
             phase = PHASE_TAGS.get(parts[i - 1], "") if i > 0 else ""
             return f"nanochat-d{m.group(1)}{phase}"
@@ -272,8 +274,11 @@ def model_id_from_checkpoint(checkpoint: str | None) -> str | None:
 def default_set_name(hook: str, d_sae: int) -> str:
     """'hook_resid_post', 16384 → 'atlas-res-16k' (spec §B.1)."""
     short = HOOK_NAMES.get(hook, (_slug(hook.removeprefix("hook_")), ""))[0]
-    width = f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
-    return f"atlas-{short}-{width}"
+    return f"atlas-{short}-{_width(d_sae)}"
+
+
+def _width(d_sae: int) -> str:
+    return f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
 
 
 def activation_id(prefix: str, model_id: str, source_id: str, index: int, k: int) -> str:
@@ -303,9 +308,11 @@ class _Context:
     meta: dict
     created_at: str
     vocab: np.ndarray          # object array: token id → decoded string (None if absent)
+    known: np.ndarray          # bool array: token id present in the vocab table
     bos_id: int | None
     root: Path
     quiet: bool
+    dataset: str | None                # corpus name, for Activation.dataSource
     logit_kind: dict[str, str] = field(default_factory=dict)  # sae_id → 'gain_corrected'|'raw'
 
 
@@ -393,6 +400,8 @@ def _plan_sources(con, meta, model_override, set_override) -> list[Source]:
         if seen[(s.model_id, s.source_id)] > 1:
             s = replace(s, source_id=f"{s.source_id}__{_slug(s.hook.removeprefix('hook_'))}")
         out.append(s)
+    for s in out:
+        _check_flag("source-set name (use --source-set)", s.set_name, SET_NAME_RE)
     keys = [(s.model_id, s.source_id) for s in out]
     if len(set(keys)) != len(keys):
         raise ExportError(f"two SAEs map to the same Neuronpedia source: {sorted(keys)}")
@@ -428,7 +437,9 @@ def _saelens_config(sae_id, hook, arch, d_in, d_sae, k, train_tokens, cfg_json) 
     return cfg
 
 
-def _load_vocab(con) -> tuple[np.ndarray, int | None]:
+def _load_vocab(con) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Token strings as Neuronpedia shows them: raw bytes decoded with replacement (so half a
+    UTF-8 character becomes U+FFFD), leading spaces and newlines kept, NUL replaced."""
     rows = con.execute("SELECT token_id, token_bytes FROM vocab ORDER BY token_id").fetchall()
     if not rows:
         raise ExportError("the store has no vocabulary (table vocab is empty)")
@@ -439,7 +450,7 @@ def _load_vocab(con) -> tuple[np.ndarray, int | None]:
         strings[tid] = clean_text(raw.decode("utf-8", errors="replace"))
         if raw == BOS_BYTES:
             bos_id = tid
-    return strings, bos_id
+    return strings, np.array([t is not None for t in strings], dtype=bool), bos_id
 
 
 # ----------------------------------------------------------------------------- one source
@@ -462,7 +473,6 @@ def _export_source(con, ctx: _Context, src: Source, all_sources: list[Source]) -
     hists = _load_histograms(con, src)
     cos, corr, cos_pairs = _load_neighbors(con, src)
     bins = _load_bins(con, src)
-    known = np.array([t is not None for t in ctx.vocab], dtype=bool)
     _write_metadata(ctx, src, [s for s in all_sources if s.model_id == src.model_id], sdir)
 
     dash = saedashboard.Writer(
@@ -470,12 +480,14 @@ def _export_source(con, ctx: _Context, src: Source, all_sources: list[Source]) -
         model_id=src.model_id, layer=src.layer, sae_set=src.set_name,
     ) if ctx.cfg.saedashboard else None
     counts = {"features": 0, "activations": 0, "explanations": 0, "dead": 0}
-    api_batches: list[list[dict]] = [[]]
+    api_ok = "__" not in src.source_id  # the API cannot create suffixed sources
+    api_pending: list[dict] = []
+    api_requests: list[dict] = []  # plan.json entries of the batches written so far
     chunks = [feats[i:i + FEATURES_PER_FILE] for i in range(0, len(feats), FEATURES_PER_FILE)]
     bar = tqdm(chunks, desc=f"neuronpedia {src.source_id}", unit="batch",
                disable=ctx.quiet or not sys.stderr.isatty())
     for k, chunk in enumerate(bar):
-        examples = _load_examples(con, ctx, src, chunk[0][0], chunk[-1][0], bins, known)
+        examples = _load_examples(con, ctx, src, chunk[0][0], chunk[-1][0], bins)
         features = [_feature(row, logits, hists, cos, corr, cos_pairs, examples.get(row[0], []))
                     for row in chunk]
         neurons = [_neuron_row(ctx, src, f) for f in features]
@@ -492,55 +504,130 @@ def _export_source(con, ctx: _Context, src: Source, all_sources: list[Source]) -
             for n, a in zip(neurons, acts):
                 dash.add(saedashboard.feature_from_rows(
                     n, a, n_prompts=_corpus(ctx.meta, "documents"),
-                    n_tokens_in_prompt=_corpus(ctx.meta, "seq_len"),
-                    dataset=_corpus(ctx.meta, "name")))
+                    n_tokens_in_prompt=_corpus(ctx.meta, "seq_len"), dataset=ctx.dataset))
         for f in features:
             if not f.examples:
                 counts["dead"] += 1
                 continue  # the API requires at least one activation per feature
-            if len(api_batches[-1]) == API_FEATURES_PER_BATCH:
-                api_batches.append([])
-            api_batches[-1].append(_api_feature(f))
+            if api_ok:
+                api_pending.append(_api_feature(f))
+            if len(api_pending) == API_FEATURES_PER_BATCH:
+                _write_api_batch(ctx, src, api_pending, api_requests)
         counts["features"] += len(features)
         counts["activations"] += len(flat)
         counts["explanations"] += len(expl)
+    if api_pending:
+        _write_api_batch(ctx, src, api_pending, api_requests)
     if dash:
         dash.close(run_settings=_dashboard_settings(ctx, src))
     if not any((sdir / "explanations").iterdir()):
         (sdir / "explanations").rmdir()
     return {"modelId": src.model_id, "sourceId": src.source_id, "saeId": src.sae_id,
             "layer": src.layer, "setName": src.set_name, **counts,
-            "_api_batches": [b for b in api_batches if b]}
+            "_api_requests": api_requests}
+
+
+def _write_api_batch(ctx: _Context, src: Source, features: list[dict], requests: list) -> None:
+    """Write one upload-batch body (then empty `features`) and note it for plan.json."""
+    name = f"features-{src.model_id}-{src.source_id}-{len(requests):04d}.json"
+    body = {"modelId": src.model_id, "source": src.source_id, "features": features}
+    _write_text(ctx.root / API_DIR / name, dumps(body) + "\n")
+    requests.append({"endpoint": "feature/upload-batch", "file": name, "modelId": src.model_id,
+                     "source": src.source_id, "indices": [f["index"] for f in features]})
+    features.clear()
 
 
 def _write_metadata(ctx: _Context, src: Source, same_model: list[Source], sdir: Path) -> None:
+    """release, model, sourceset and source rows: one line each, exactly the §B.2 keys."""
     cfg, t = ctx.cfg, ctx.created_at
-    default = same_model[0]
+    default = same_model[0]  # the lowest layer: the source Neuronpedia opens the model with
     urls = [cfg.url] if cfg.url else []
     model_cfg = ctx.meta.get("model") if isinstance(ctx.meta.get("model"), dict) else {}
-    n_layer = _n_layer(model_cfg, src, same_model)
     d_model = int(model_cfg.get("n_embd") or max(s.d_in for s in same_model))
-    hook_short, hook_type = HOOK_NAMES.get(src.hook, (src.hook, src.hook))
-    width = f"{src.d_sae // 1024}k" if src.d_sae % 1024 == 0 else str(src.d_sae)
-    release = dict(zip(RELEASE_KEYS, (
-        cfg.release, f"Sparse autoencoder features of nanochat ({src.model_id}), built with "
-        "nanochat-atlas", f"nanochat SAEs ({src.model_id})", urls, cfg.creator_name,
-        cfg.creator_name, None, cfg.creator_id, "PUBLIC", False, False, default.set_name,
-        default.source_id, [], t)))
-    model = dict(zip(MODEL_KEYS, (
-        src.model_id, src.instruct, cfg.creator_id, src.model_id.replace("nanochat-", "nanochat "),
-        f"nanochat {src.model_id.removeprefix('nanochat-')} (karpathy/nanochat)", None, d_model,
-        "PUBLIC", default.set_name, default.source_id, False, n_layer, 4 * d_model, t, t,
-        "karpathy/nanochat", "https://github.com/karpathy/nanochat")))
-    sourceset = dict(zip(SOURCESET_KEYS, (
-        src.model_id, src.set_name, cfg.creator_id, True, "PUBLIC", f"{hook_type} - {width}",
-        hook_type, cfg.creator_name, urls, None, cfg.release, None, 1, True, False, False,
-        False, False, t)))
-    source = dict(zip(SOURCE_KEYS, (
-        src.source_id, src.model_id, src.set_name, cfg.creator_id, True, False, [],
-        src.saelens_config, None, None, None, None, "PUBLIC", None, False, False, False,
-        _corpus(ctx.meta, "documents"), _corpus(ctx.meta, "seq_len"), _corpus(ctx.meta, "name"),
-        _source_notes(ctx, src), t)))
+    hook_type = HOOK_NAMES.get(src.hook, (src.hook, src.hook))[1]
+    tag = src.model_id.removeprefix("nanochat-")
+    release = {
+        "name": cfg.release,
+        "description": f"Sparse autoencoder features of nanochat ({src.model_id}), built with "
+                       "nanochat-atlas",
+        "descriptionShort": f"nanochat SAEs ({src.model_id})",
+        "urls": urls,
+        "creatorName": cfg.creator_name,
+        "creatorNameShort": cfg.creator_name,
+        "creatorEmail": None,
+        "creatorId": cfg.creator_id,
+        "visibility": "PUBLIC",
+        "isNewUi": False,
+        "featured": False,
+        "defaultSourceSetName": default.set_name,
+        "defaultSourceId": default.source_id,
+        "defaultUmapSourceIds": [],
+        "createdAt": t,
+    }
+    model = {
+        "id": src.model_id,
+        "instruct": src.instruct,
+        "creatorId": cfg.creator_id,
+        "displayNameShort": f"nanochat {tag}",
+        "displayName": f"nanochat {tag} (karpathy/nanochat)",
+        "tlensId": None,
+        "dimension": d_model,
+        "visibility": "PUBLIC",
+        "defaultSourceSetName": default.set_name,
+        "defaultSourceId": default.source_id,
+        "inferenceEnabled": False,
+        "layers": _n_layer(model_cfg, src, same_model),
+        "neuronsPerLayer": 4 * d_model,  # nanochat's MLP width
+        "createdAt": t,
+        "updatedAt": t,
+        "owner": "karpathy/nanochat",
+        "website": "https://github.com/karpathy/nanochat",
+    }
+    sourceset = {
+        "modelId": src.model_id,
+        "name": src.set_name,
+        "creatorId": cfg.creator_id,
+        "hasDashboards": True,
+        "visibility": "PUBLIC",
+        "description": f"{hook_type} - {_width(src.d_sae)}",
+        "type": hook_type,
+        "creatorName": cfg.creator_name,
+        "urls": urls,
+        "creatorEmail": None,
+        "releaseName": cfg.release,
+        "defaultOfModelId": None,
+        "defaultRange": 1,
+        "defaultShowBreaks": True,
+        "showDfa": False,
+        "showCorrelated": False,  # neuron alignment / correlated neurons need decoder rows
+        "showHeadAttribution": False,
+        "showUmap": False,
+        "createdAt": t,
+    }
+    source = {
+        "id": src.source_id,
+        "modelId": src.model_id,
+        "setName": src.set_name,
+        "creatorId": cfg.creator_id,
+        "hasDashboards": True,
+        "inferenceEnabled": False,
+        "inferenceHosts": [],
+        "saelensConfig": src.saelens_config,
+        "saelensRelease": None,
+        "saelensSaeId": None,
+        "hfRepoId": None,
+        "hfFolderId": None,
+        "visibility": "PUBLIC",
+        "defaultOfModelId": None,
+        "hasUmap": False,
+        "hasUmapLogSparsity": False,
+        "hasUmapClusters": False,
+        "num_prompts": _corpus(ctx.meta, "documents"),
+        "num_tokens_in_prompt": _corpus(ctx.meta, "seq_len"),
+        "dataset": ctx.dataset,
+        "notes": _source_notes(ctx, src),
+        "createdAt": t,
+    }
     for name, row in (("release", release), ("model", model), ("sourceset", sourceset),
                       ("source", source)):
         _write_text(sdir / f"{name}.jsonl", dumps(row) + "\n")
@@ -570,6 +657,9 @@ def _source_notes(ctx: _Context, src: Source) -> str:
                      "and backout between this layer and the final norm")
     else:
         notes.append("logit tables: raw W_dec·W_U (no final norm, no softcap)")
+    norm = src.saelens_config.get("normalize_activations")
+    if norm:
+        notes.append(f"SAE input normalisation: {norm}")
     if build.get("git_commit"):
         notes.append(f"atlas build {build['git_commit']}")
     if src.checkpoint:
@@ -631,66 +721,94 @@ def _load_bins(con, src: Source) -> dict[tuple[int, int], tuple[float, float, fl
                 [src.sae_id]).fetchall()}
 
 
-def _load_examples(con, ctx: _Context, src: Source, lo: int, hi: int, bins,
-                   known: np.ndarray) -> dict[int, list]:
-    """Top examples, then interval examples from the highest bin down, for features lo..hi."""
-    rows = con.execute(
+def _load_examples(con, ctx: _Context, src: Source, lo: int, hi: int,
+                   bins) -> dict[int, list]:
+    """Top examples, then interval examples from the highest bin down, for features lo..hi.
+
+    The windows of the whole chunk are decoded, checked and rounded as flat arrays (one numpy
+    pass, not one per example); only the final slicing into rows is per example."""
+    tbl = con.sql(
         "SELECT feature, kind, rank, bin, doc_id, token_pos, token_ids, acts, center "
         "FROM examples WHERE sae_id = ? AND feature BETWEEN ? AND ? "
-        "ORDER BY feature, kind = 'interval', bin DESC, rank", [src.sae_id, lo, hi]).fetchall()
+        "ORDER BY feature, kind = 'interval', bin DESC, rank", params=[src.sae_id, lo, hi]).arrow()
+    if isinstance(tbl, pa.RecordBatchReader):  # duckdb ≥ 1.4 streams, older returns a Table
+        tbl = tbl.read_all()
+    cols = {name: tbl[name].to_pylist() for name in
+            ("feature", "kind", "rank", "bin", "doc_id", "token_pos", "center")}
+    ids_col = tbl["token_ids"].combine_chunks()
+    acts_col = tbl["acts"].combine_chunks()
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    ids = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    acts = acts_col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    center = np.array([-1 if c is None else c for c in cols["center"]], dtype=np.int64)
+
+    def where(i: int) -> str:
+        return (f"SAE {src.sae_id} feature {cols['feature'][i]} {cols['kind'][i]} example "
+                f"rank {cols['rank'][i]}")
+
+    lengths, acts_lengths = np.diff(offsets), np.diff(acts_col.offsets.to_numpy())
+    bad = (lengths != acts_lengths) | (center < 0) | (center >= lengths)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ExportError(f"{where(i)}: token_ids ({lengths[i]}), acts ({acts_lengths[i]}) and "
+                          f"center ({cols['center'][i]}) do not describe a window")
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    if not np.isfinite(acts).all():
+        raise ExportError(f"{where(int(row_of[~np.isfinite(acts)][0]))}: non-finite activation")
+    inside = (ids >= 0) & (ids < len(ctx.known))
+    inside[inside] = ctx.known[ids[inside]]
+    if not inside.all():
+        first = int(np.flatnonzero(~inside)[0])
+        raise ExportError(f"{where(int(row_of[first]))}: token id {ids[first]} is not in "
+                          "table vocab")
+    starts, stops = _document_spans(ids, row_of, offsets, center, ctx.bos_id)
+    tokens = ctx.vocab[ids].tolist()
+    values = (np.round(acts, 4) + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
+
     out: dict[int, list[Example]] = {}
     seen_top: dict[int, set] = {}
     per_bin: dict[tuple[int, int], int] = {}
-    for f, kind, rank, b, doc, pos, ids, acts, center in rows:
-        where = f"SAE {src.sae_id} feature {f} {kind} example rank {rank}"
-        exs = out.setdefault(f, [])
+    for i, (f, kind, b) in enumerate(zip(cols["feature"], cols["kind"], cols["bin"])):
+        key = (cols["doc_id"][i], cols["token_pos"][i])
         top_keys = seen_top.setdefault(f, set())
         if kind == "top":
             if len(top_keys) >= ctx.cfg.top_examples:
                 continue
-            top_keys.add((doc, pos))
-            span = (-1.0, None, -1.0)  # binMax is the feature maximum, filled in _feature
+            top_keys.add(key)
+            span = (-1.0, None, -1.0)  # binMax is the feature's maximum, filled in _feature
         elif kind == "interval":
-            if (doc, pos) in top_keys or per_bin.get((f, b), 0) >= ctx.cfg.interval_examples:
+            if key in top_keys or per_bin.get((f, b), 0) >= ctx.cfg.interval_examples:
                 continue
             if (f, b) not in bins:
-                raise ExportError(f"{where}: bin {b} has no row in table interval_bins")
+                raise ExportError(f"{where(i)}: bin {b} has no row in table interval_bins")
             per_bin[(f, b)] = per_bin.get((f, b), 0) + 1
             span = bins[(f, b)]
         else:
-            raise ExportError(f"{where}: unknown kind {kind!r} (expected 'top' or 'interval')")
-        tokens, values, q = _window(ctx, where, ids, acts, center, known)
-        exs.append(Example(tokens, values, q, span[0], span[1], span[2], f"{doc}:{pos}",
-                           kind == "top"))
+            raise ExportError(f"{where(i)}: unknown kind {kind!r} (expected 'top' or 'interval')")
+        a, z = offsets[i] + starts[i], offsets[i] + stops[i]
+        out.setdefault(f, []).append(Example(
+            tokens[a:z], values[a:z], int(center[i] - starts[i]), span[0], span[1], span[2],
+            f"{key[0]}:{key[1]}", kind == "top"))
     return out
 
 
-def _window(ctx: _Context, where: str, ids, acts, center, known: np.ndarray):
-    """Decode one window: keep the qualifying token's document (BOS omitted), ≤128 tokens."""
-    ids = np.asarray(ids if ids is not None else [], dtype=np.int64)
-    acts = np.asarray(acts if acts is not None else [], dtype=np.float64)
-    if len(ids) != len(acts) or len(ids) == 0 or center is None or not 0 <= center < len(ids):
-        raise ExportError(f"{where}: token_ids ({len(ids)}), acts ({len(acts)}) and center "
-                          f"({center}) do not describe a window")
-    if not np.isfinite(acts).all():
-        raise ExportError(f"{where}: non-finite activation in acts")
-    if ctx.bos_id is not None:
-        bos = np.flatnonzero(ids == ctx.bos_id)
-        before, after = bos[bos < center], bos[bos > center]
-        lo = int(before[-1]) + 1 if len(before) else 0
-        hi = int(after[0]) if len(after) else len(ids)
-    else:
-        lo, hi = 0, len(ids)
-    if hi - lo > MAX_TOKENS:
-        lo = max(lo, min(center - MAX_TOKENS // 2, hi - MAX_TOKENS))
-        hi = lo + MAX_TOKENS
-    ids, acts = ids[lo:hi], acts[lo:hi]
-    inside = (ids >= 0) & (ids < len(known))
-    inside[inside] = known[ids[inside]]
-    if not inside.all():
-        raise ExportError(f"{where}: token id {ids[~inside][0]} is not in table vocab")
-    values = (np.round(acts, 4) + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
-    return ctx.vocab[ids].tolist(), values, int(center - lo)
+def _document_spans(ids, row_of, offsets, center, bos_id) -> tuple[np.ndarray, np.ndarray]:
+    """Per window, the [start, stop) to keep: the qualifying token's document without its BOS
+    (cut after the last BOS before the centre and at the first BOS after it), ≤128 tokens."""
+    n = len(center)
+    lengths = np.diff(offsets)
+    starts, stops = np.zeros(n, dtype=np.int64), lengths.copy()
+    if bos_id is not None:
+        at = np.flatnonzero(ids == bos_id)
+        rows, local = row_of[at], at - offsets[row_of[at]]
+        before, after = local < center[rows], local > center[rows]
+        np.maximum.at(starts, rows[before], local[before] + 1)
+        np.minimum.at(stops, rows[after], local[after])
+    long = stops - starts > MAX_TOKENS
+    starts[long] = np.maximum(starts[long], np.minimum(center[long] - MAX_TOKENS // 2,
+                                                       stops[long] - MAX_TOKENS))
+    stops[long] = starts[long] + MAX_TOKENS
+    return starts, stops
 
 
 def _token(ctx: _Context, tid: int, src: Source, f: int) -> str:
@@ -729,8 +847,9 @@ def rebin(edges, counts, n_bins: int, where: str = "histogram") -> tuple[list, l
         heights = np.diff(np.interp(new_edges, edges, cdf))
     else:
         raise ExportError(f"{where}: cannot re-bin {len(counts)} bins with empty width to {n_bins}")
-    centres = [_round(c) for c in (new_edges[:-1] + new_edges[1:]) / 2]
-    return centres, [int(h) if float(h).is_integer() else _round(h) for h in np.round(heights, 4)]
+    centres = (np.round((new_edges[:-1] + new_edges[1:]) / 2, 4) + 0.0).tolist()
+    heights = (np.round(heights, 4) + 0.0).tolist()
+    return centres, [int(h) if h.is_integer() else h for h in heights]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -744,11 +863,10 @@ def _feature(row, logits, hists, cos, corr, cos_pairs, examples: list[Example]) 
     pos, neg = logits.get(f, ([], []))
     cos_list = cos.get(f, [])
     corr_list = corr.get(f, [])
-    label = clean_text(label.strip())[:MAX_DESCRIPTION] if label and label.strip() else None
-    notes = None
-    if label:
-        notes = "; ".join(p for p in (f"rule={clean_text(rule)}" if rule else "",
-                                      f"F1={f1:.2f}" if f1 is not None else "") if p) or None
+    label = clean_text(label or "").strip()[:MAX_DESCRIPTION].rstrip() or None
+    notes = [f"rule={clean_text(rule)}"] if rule else []
+    if f1 is not None:
+        notes.append(f"F1={f1:.2f}")
     return Feature(
         index=int(f), density=float(density), max_act=max_act, pos=pos, neg=neg,
         freq_hist=hists.get((f, "activation"), ([], [])),
@@ -756,40 +874,101 @@ def _feature(row, logits, hists, cos, corr, cos_pairs, examples: list[Example]) 
         cos_indices=[o for o, _ in cos_list], cos_values=[v for _, v in cos_list],
         corr_indices=[o for o, _ in corr_list], corr_pearson=[v for _, v in corr_list],
         corr_cos=[cos_pairs.get((min(f, o), max(f, o))) for o, _ in corr_list],
-        label=label, label_notes=notes, examples=examples,
+        label=label, label_notes="; ".join(notes) if label and notes else None,
+        examples=examples,
     )
 
 
 def _neuron_row(ctx: _Context, src: Source, f: Feature) -> dict:
-    return dict(zip(FEATURE_KEYS, (
-        src.model_id, src.source_id, str(f.index), ctx.cfg.creator_id, ctx.created_at,
-        src.set_name, f.max_act, False, [], None, 10, None,
-        f.cos_indices, f.cos_values,
-        [], [], [],       # neuron alignment: needs decoder rows, not in the store
-        [], [], [],       # correlated neurons: needs model activations, not in the store
-        f.corr_indices, f.corr_pearson, f.corr_cos,
-        [s for s, _ in f.pos], [v for _, v in f.pos], [s for s, _ in f.neg], [v for _, v in f.neg],
-        f.density, f.freq_hist[0], f.freq_hist[1], f.logit_hist[0], f.logit_hist[1], [],
-        None, None, None, None,
-    )))
+    return {
+        "modelId": src.model_id,
+        "layer": src.source_id,
+        "index": str(f.index),
+        "creatorId": ctx.cfg.creator_id,
+        "createdAt": ctx.created_at,
+        "sourceSetName": src.set_name,
+        "maxActApprox": f.max_act,
+        "hasVector": False,
+        "vector": [],
+        "vectorLabel": None,
+        "vectorDefaultSteerStrength": 10,
+        "hookName": None,
+        "topkCosSimIndices": f.cos_indices,
+        "topkCosSimValues": f.cos_values,
+        # neuron alignment needs decoder rows, correlated neurons model activations: neither
+        # is in the store
+        "neuron_alignment_indices": [],
+        "neuron_alignment_values": [],
+        "neuron_alignment_l1": [],
+        "correlated_neurons_indices": [],
+        "correlated_neurons_pearson": [],
+        "correlated_neurons_l1": [],
+        "correlated_features_indices": f.corr_indices,
+        "correlated_features_pearson": f.corr_pearson,
+        "correlated_features_l1": f.corr_cos,  # cosine in the "_l1" slot, as SAEDashboard does
+        "pos_str": [s for s, _ in f.pos],
+        "pos_values": [v for _, v in f.pos],
+        "neg_str": [s for s, _ in f.neg],
+        "neg_values": [v for _, v in f.neg],
+        "frac_nonzero": f.density,
+        "freq_hist_data_bar_values": f.freq_hist[0],
+        "freq_hist_data_bar_heights": f.freq_hist[1],
+        "logits_hist_data_bar_values": f.logit_hist[0],
+        "logits_hist_data_bar_heights": f.logit_hist[1],
+        "decoder_weights_dist": [],
+        "umap_x": None,
+        "umap_y": None,
+        "umap_cluster": None,
+        "umap_log_feature_sparsity": None,
+    }
 
 
 def _activation_row(ctx: _Context, src: Source, f: Feature, k: int, ex: Example) -> dict:
     top = max(ex.values)
-    return dict(zip(ACTIVATION_KEYS, (
-        activation_id("c", src.model_id, src.source_id, f.index, k), src.model_id, src.source_id,
-        str(f.index), ex.tokens, ex.values, top, ex.values.index(top), min(ex.values),
-        ex.bin_min, ex.bin_max, ex.bin_contains, ex.qualifying, [], None, None, [], None,
-        ctx.cfg.creator_id, ctx.created_at, _corpus(ctx.meta, "name"), ex.data_index,
-    )))
+    return {
+        "id": activation_id("c", src.model_id, src.source_id, f.index, k),
+        "modelId": src.model_id,
+        "layer": src.source_id,
+        "index": str(f.index),
+        "tokens": ex.tokens,
+        "values": ex.values,
+        "maxValue": top,
+        "maxValueTokenIndex": ex.values.index(top),
+        "minValue": min(ex.values),
+        "binMin": ex.bin_min,
+        "binMax": ex.bin_max,
+        "binContains": ex.bin_contains,
+        "qualifyingTokenIndex": ex.qualifying,
+        "dfaValues": [],
+        "dfaTargetIndex": None,
+        "dfaMaxValue": None,
+        "lossValues": [],
+        "logitContributions": None,
+        "creatorId": ctx.cfg.creator_id,
+        "createdAt": ctx.created_at,
+        "dataSource": ctx.dataset,
+        "dataIndex": ex.data_index,
+    }
 
 
 def _explanation_row(ctx: _Context, src: Source, f: Feature) -> dict:
-    return dict(zip(EXPLANATION_KEYS, (
-        activation_id("e", src.model_id, src.source_id, f.index, 0), src.model_id,
-        src.source_id, str(f.index), f.label, ctx.cfg.creator_id, None, None, None,
-        None, None, None, None, f.label_notes, ctx.created_at,
-    )))
+    return {
+        "id": activation_id("e", src.model_id, src.source_id, f.index, 0),
+        "modelId": src.model_id,
+        "layer": src.source_id,
+        "index": str(f.index),
+        "description": f.label,
+        "authorId": ctx.cfg.creator_id,
+        "typeName": None,
+        "explanationModelName": None,
+        "embedding": None,
+        "umap_x": None,
+        "umap_y": None,
+        "umap_cluster": None,
+        "umap_log_feature_sparsity": None,
+        "notes": f.label_notes,
+        "createdAt": ctx.created_at,
+    }
 
 
 def _api_feature(f: Feature) -> dict:
@@ -825,7 +1004,7 @@ def _dashboard_settings(ctx: _Context, src: Source) -> dict:
         "quantile_group_size": ctx.cfg.interval_examples,
         "n_prompts_total": _corpus(ctx.meta, "documents"),
         "n_tokens_in_prompt": _corpus(ctx.meta, "seq_len"),
-        "dataset_path": _corpus(ctx.meta, "name"),
+        "dataset_path": ctx.dataset,
         "created_at": ctx.created_at,
     }
 
@@ -833,8 +1012,8 @@ def _dashboard_settings(ctx: _Context, src: Source) -> dict:
 # ----------------------------------------------------------------------------- files
 
 def _write_api_plan(ctx: _Context, sources: list[Source], summaries: list[dict]) -> dict:
+    """Bodies of model/new and source-set/new, and plan.json: every request in order."""
     api = ctx.root / API_DIR
-    api.mkdir()
     requests, skipped = [], []
     url = {"url": ctx.cfg.url} if ctx.cfg.url else {}
     for model_id in dict.fromkeys(s.model_id for s in sources):
@@ -848,9 +1027,9 @@ def _write_api_plan(ctx: _Context, sources: list[Source], summaries: list[dict])
         for set_name in dict.fromkeys(s.set_name for s in srcs):
             s0 = next(s for s in srcs if s.set_name == set_name)
             hook_type = HOOK_NAMES.get(s0.hook, (s0.hook, s0.hook))[1]
-            width = f"{s0.d_sae // 1024}k" if s0.d_sae % 1024 == 0 else str(s0.d_sae)
             body = {"name": set_name, "modelId": model_id,
-                    "description": f"{hook_type} - {width} (nanochat-atlas)"[:128], **url}
+                    "description": f"{hook_type} - {_width(s0.d_sae)} (nanochat-atlas)"[:128],
+                    **url}
             name = f"source-set-{model_id}-{set_name}.json"
             _write_text(api / name, json.dumps(body, indent=1) + "\n")
             requests.append({"endpoint": "source-set/new", "file": name, "modelId": model_id,
@@ -864,13 +1043,7 @@ def _write_api_plan(ctx: _Context, sources: list[Source], summaries: list[dict])
             skipped.append({"modelId": src.model_id, "source": src.source_id,
                             "reason": f"{summ['dead']} features without activations "
                                       "(the API requires at least one)"})
-        for k, batch in enumerate(summ["_api_batches"]):
-            name = f"features-{src.model_id}-{src.source_id}-{k:04d}.json"
-            body = {"modelId": src.model_id, "source": src.source_id, "features": batch}
-            _write_text(api / name, dumps(body) + "\n")
-            requests.append({"endpoint": "feature/upload-batch", "file": name,
-                             "modelId": src.model_id, "source": src.source_id,
-                             "indices": [f["index"] for f in batch]})
+        requests += summ["_api_requests"]
     plan = {"format": API_FORMAT, "created_at": ctx.created_at, "requests": requests,
             "skipped": skipped}
     _write_text(api / "plan.json", json.dumps(plan, indent=1) + "\n")
@@ -923,7 +1096,7 @@ def _write_readme(ctx: _Context, sources: list[Source], summaries: list[dict]) -
     _write_text(ctx.root / "README.txt", "\n".join(lines))
 
 
-def _write_manifest(ctx: _Context, sources: list[Source], summaries: list[dict]) -> dict:
+def _write_manifest(ctx: _Context, summaries: list[dict]) -> dict:
     files = []
     for path in sorted(p for p in ctx.root.rglob("*") if p.is_file()):
         data = path.read_bytes()
@@ -965,6 +1138,7 @@ def _write_text(path: Path, text: str) -> None:
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old)

@@ -151,7 +151,8 @@ def plan_requests(export_dir: Path, done: set, cfg: UploadConfig) -> tuple[list[
                                         f"source set {body['modelId']}/{body['name']}"))
         else:
             model_id, source = body["modelId"], body["source"]
-            todo = [f for f in body["features"] if ("feature", model_id, source, f["index"]) not in done]
+            todo = [f for f in body["features"]
+                    if ("feature", model_id, source, f["index"]) not in done]
             already += len(body["features"]) - len(todo)
             for i in range(0, len(todo), cfg.batch_size):
                 chunk = todo[i:i + cfg.batch_size]

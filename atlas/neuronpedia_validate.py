@@ -91,7 +91,7 @@ def validate(root: str | Path) -> list[Problem]:
         report.add(".", None, None, "no {modelId}/{sourceId} directories")
     for mdir in model_dirs:
         _check_id(report, mdir.name, None, None, mdir.name, MODEL_ID_RE, "model id")
-        sdirs = [d for d in sorted(mdir.iterdir()) if d.is_dir()]
+        sdirs = sorted((d for d in mdir.iterdir() if d.is_dir()), key=_source_order)
         if not sdirs:
             report.add(mdir.name, None, None, "no source directories")
         for f in sorted(p for p in mdir.iterdir() if not p.is_dir()):
@@ -177,21 +177,21 @@ def _check_source(report: _Report, sdir: Path, model_id: str, ids: dict) -> set[
 
     indices: set[str] = set()
     live: set[str] = set()
-    files = _batches(report, sdir / "features", required=True)
-    for path in files:
+    for path in _batches(report, sdir / "features", required=True):
+        rel_path = report.rel(path)
         for line, row in _consistent_rows(report, path, FEATURE_KEYS):
-            _check_feature(report, report.rel(path), line, row, model_id, sdir.name, set_name,
-                           d_sae, indices, live)
-    act_files = _batches(report, sdir / "activations", required=bool(live))
-    for path in act_files:
+            _check_feature(report, rel_path, line, row, model_id, sdir.name, set_name, d_sae,
+                           indices, live)
+    for path in _batches(report, sdir / "activations", required=bool(live)):
+        rel_path = report.rel(path)
         for line, row in _consistent_rows(report, path, ACTIVATION_KEYS):
-            _check_activation(report, report.rel(path), line, row, model_id, sdir.name,
-                              indices, ids)
+            _check_activation(report, rel_path, line, row, model_id, sdir.name, indices, ids)
     if (sdir / "explanations").exists():
         for path in _batches(report, sdir / "explanations", required=False):
+            rel_path = report.rel(path)
             for line, row in _consistent_rows(report, path, EXPLANATION_KEYS):
-                _check_explanation(report, report.rel(path), line, row, model_id, sdir.name,
-                                   indices, ids)
+                _check_explanation(report, rel_path, line, row, model_id, sdir.name, indices,
+                                   ids)
     known = {"features", "activations", "explanations"} | {n for n, _ in METADATA}
     for p in sorted(sdir.iterdir()):
         if p.name not in known:
@@ -303,7 +303,7 @@ def _check_activation(report, path, line, row, model_id, source_id, indices, ids
     if not 1 <= len(tokens) <= MAX_TOKENS:
         report.add(path, line, "tokens", f"has {len(tokens)} entries, expected 1..{MAX_TOKENS}")
         return
-    if not all(math.isfinite(v) for v in values):
+    if not all(map(math.isfinite, values)):
         return  # already reported by the NaN scan, with the exact position
     top, low = max(values), min(values)
     if not _is_num(row.get("maxValue")) or not math.isclose(row["maxValue"], top, abs_tol=1e-6):
@@ -402,6 +402,11 @@ def _batches(report: _Report, folder: Path, required: bool) -> list[Path]:
     return files
 
 
+def _source_order(path: Path) -> tuple:
+    m = SOURCE_ID_RE.match(path.name)
+    return (int(m.group(1)), path.name) if m else (-1, path.name)
+
+
 def _batch_number(name: str) -> int:
     m = re.match(r"batch-(\d+)\.jsonl\.gz$", name)
     return int(m.group(1)) if m else -1
@@ -487,12 +492,8 @@ def _is_num(x) -> bool:
 
 
 def _is_list(x, kind) -> bool:
-    """A list of strings (kind=str) or of numbers (kind=float)."""
-    if not isinstance(x, list):
-        return False
-    if kind is str:
-        return all(isinstance(v, str) for v in x)
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+    """A list of strings (kind=str) or of numbers (kind=float; bools are not numbers)."""
+    return isinstance(x, list) and set(map(type, x)) <= ({str} if kind is str else {int, float})
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -519,7 +520,8 @@ def _check_manifest(report: _Report) -> None:
             report.add(rel, None, None, "listed in manifest.json but missing")
             continue
         data = file.read_bytes()
-        if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.get("bytes") or digest != entry.get("sha256"):
             report.add(rel, None, None, "size or sha256 differs from manifest.json (changed "
                                         "since the export)")
     for file in sorted(p for p in report.root.rglob("*") if p.is_file()):

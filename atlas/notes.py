@@ -70,8 +70,8 @@ def _safe_url(url: str) -> bool:
 
 def _safe_scheme(url: str) -> bool:
     url = url.strip()
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        return False  # browsers drop these inside a scheme ("java\tscript:")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url) or any(c.isspace() for c in url.split(":", 1)[0]):
+        return False  # browsers drop tabs and newlines inside a scheme ("java\tscript:")
     try:
         return urlsplit(url).scheme.lower() in _SAFE_SCHEMES
     except ValueError:

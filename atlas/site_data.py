@@ -31,6 +31,8 @@ import pyarrow as pa
 from atlas.tokens_display import visible_token
 
 _DEFAULT_HOOK = "hook_resid_post"
+_FEATURE_COLUMNS = ["feature", "density", "count", "max_act", "mean_act", "label", "label_rule", "label_f1"]
+_OPTIONAL_FEATURE_COLUMNS = ["min_act", "label_precision", "label_recall", "flags"]
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,20 @@ def read_vocab(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def read_features(con: duckdb.DuckDBPyConnection, sae_id: str) -> dict[str, list]:
-    """The whole `features` table of one SAE as columns, ordered by feature."""
-    cols = con.execute(
-        "SELECT feature, density, count, max_act, mean_act, label, label_rule, label_f1 "
-        "FROM features WHERE sae_id = ? ORDER BY feature", [sae_id]).fetchnumpy()
-    return {name: col.tolist() for name, col in cols.items()}
+    """The whole `features` table of one SAE as columns, ordered by feature.
+
+    Columns added in schema version 2 (min_act, label_precision, label_recall, flags) are read
+    when the store has them and are lists of None otherwise.
+    """
+    present = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'features'").fetchall()}
+    names = _FEATURE_COLUMNS + [c for c in _OPTIONAL_FEATURE_COLUMNS if c in present]
+    cur = con.execute(f"SELECT {', '.join(names)} FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])
+    rows = cur.fetchall()
+    cols = {name: [r[j] for r in rows] for j, name in enumerate(names)}
+    for name in _OPTIONAL_FEATURE_COLUMNS:
+        cols.setdefault(name, [None] * len(rows))
+    return cols
 
 
 def read_top_tokens(con: duckdb.DuckDBPyConnection, sae_id: str, n: int = 3) -> dict[int, list[int]]:
@@ -158,17 +169,15 @@ def iter_details(con: duckdb.DuckDBPyConnection, sae_id: str, features: list[int
 
         ex = _arrow(con, "SELECT feature, kind, bin, act, center, token_ids, acts FROM examples "
                          f"{where} ORDER BY feature, kind DESC, bin DESC, rank", args)
-        ids, acts = ex.column("token_ids").combine_chunks(), ex.column("acts").combine_chunks()
+        ids, id_offsets = _flat_lists(ex.column("token_ids"))
+        acts, act_offsets = _flat_lists(ex.column("acts"))
+        if not np.array_equal(id_offsets, act_offsets):
+            raise ValueError(f"examples of SAE {sae_id!r}: token_ids and acts differ in length")
         examples = Examples(
             feature=ex.column("feature").to_numpy(), kind=ex.column("kind").to_pylist(),
             bin=ex.column("bin").to_pylist(), act=ex.column("act").to_pylist(),
-            center=ex.column("center").fill_null(-1).to_numpy(),
-            token_ids=ids.flatten().to_numpy(zero_copy_only=False),
-            acts=acts.flatten().to_numpy(zero_copy_only=False),
-            offsets=ids.offsets.to_numpy(),
+            center=ex.column("center").fill_null(-1).to_numpy(), token_ids=ids, acts=acts, offsets=id_offsets,
         )
-        if not np.array_equal(examples.offsets, acts.offsets.to_numpy()):
-            raise ValueError(f"examples of SAE {sae_id!r}: token_ids and acts differ in length")
         for f, i, j in _groups(examples.feature, details):
             details[f].rows = range(i, j)
 
@@ -205,6 +214,14 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> pa.Table:
     # DuckDB 1.x returns a Table here, 2.x a RecordBatchReader.
     result = con.sql(sql, params=params).arrow()
     return result.read_all() if hasattr(result, "read_all") else result
+
+
+def _flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A LIST column -> (all values, offsets from 0): row r is values[offsets[r]:offsets[r + 1]]."""
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return values, offsets - offsets[0]
 
 
 def _groups(feature_col: np.ndarray, details: dict[int, FeatureDetail]) -> Iterator[tuple[int, int, int]]:

@@ -12,19 +12,25 @@ Inputs are sparse: (group, value, key) triplets of the non-zero activations of a
 that orders the corpus and identifies a token.
 
 - `FeatureMoments`: per-latent count, sum (float64), max and min of the non-zero activations.
-- `TopKSlots`: per group, the k entries with the largest score, ties to the smallest key, with
-  fixed-shape payloads (token windows...) fetched only for entries that get in. With score =
-  activation it is the exact top-k; with score = -priority(key) it is a bottom-k *priority
-  sample*: a uniform random sample without replacement whose randomness is a hash of the key,
-  so it does not depend on batch order, resumes exactly and merges exactly.
+- `TopKSlots`: per group, the k best entries (ties to the smallest key), with fixed-shape
+  payloads (token windows...) fetched only for entries that get in. Ranked by activation it is
+  the exact top-k; ranked by a hash of the key it is a bottom-k *priority sample*: a uniform
+  random sample without replacement that does not depend on batch order, resumes exactly and
+  merges exactly.
 - `ActivationHistogram`: per latent, `n_bins` equal bins over [0, 2^e], e the smallest integer
   with max ≤ 2^e. When a larger value arrives, e grows and bins merge in groups of 2^Δe, which
   is exact because every edge is a multiple of a power of two (bins never split).
-- `CoactivationCounts`: d×d counts of tokens where two latents are both non-zero, from the pairs
-  of each token's active set (scatter-add), or a 0/1 GEMM when that is cheaper (dense codes).
-- `SparseCounter`: exact count and sum per (row, col) key for keys that occur, e.g. (token,
-  latent) for the reverse index; batches are coalesced, then folded into a sorted table.
+- `CoactivationCounts`: counts of tokens where two latents are both non-zero (upper triangle of a
+  d×d int32 matrix), from the pairs of each token's active set (scatter-add), or a 0/1 GEMM when
+  that is cheaper.
+- `PairCounter`: exact count and sum per (row, col) pair, e.g. (token, latent) for the reverse
+  index: a dense table when it fits a memory budget, else a sorted sparse table of the pairs seen.
 - `TokenCounts`: corpus unigram counts.
+- `SaeStats`: all of the above for one SAE, fed from one batch's sparse codes.
+
+Ranking (TopKSlots) uses int64 order keys, smaller first: 0x7FFFFFFF - bits(activation) for the
+top-k (float32 bit patterns of non-negative values are monotone) and a 39-bit hash of the position
+for samples; with the group in the high bits, one stable sort ranks a whole batch.
 """
 
 from __future__ import annotations
@@ -70,12 +76,6 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def priorities(key: torch.Tensor, group: torch.Tensor | int, seed: int) -> torch.Tensor:
-    """A uniform [0, 1) float64 per (key, group, seed), the same on every device and run."""
-    salt = splitmix64(torch.as_tensor(group, device=key.device).long() * _MIX1 + seed)
-    return _shr(splitmix64(key.long() ^ salt), 11).double() * (1.0 / (1 << 53))
-
-
 # ----------------------------------------------------------------------------- moments
 
 class FeatureMoments:
@@ -109,20 +109,46 @@ class FeatureMoments:
 
 # ----------------------------------------------------------------------------- top-k slots
 
+ORDER_BITS = 40                      # order keys are ints below EMPTY_ORDER: smaller = better
+EMPTY_ORDER = (1 << ORDER_BITS) - 1  # an empty slot, worse than any entry
+MAX_GROUPS = 1 << (63 - ORDER_BITS)
+
+
+def order_by_value(value: torch.Tensor) -> torch.Tensor:
+    """Order keys ranking non-negative float32 values largest first (their bit patterns are
+    monotone in the value, so this is exact)."""
+    return 0x7FFFFFFF - value.float().contiguous().view(torch.int32).long()
+
+
+def order_by_priority(key: torch.Tensor, group: torch.Tensor | int, seed: int) -> torch.Tensor:
+    """Order keys ranking entries by a 39-bit hash of (key, group, seed): the smallest k form a
+    uniform random sample without replacement (bottom-k / priority sampling), the same on every
+    device, batch order and shard split."""
+    salt = splitmix64(torch.as_tensor(group, device=key.device).long() * _MIX1 + seed)
+    return _shr(splitmix64(key.long() ^ salt), 64 - (ORDER_BITS - 1))
+
+
 class TopKSlots:
     """
-    Per group, the k entries with the largest (score, -key), kept in rank order (slot 0 best).
+    Per group, the k best entries by (order key, position key), both ascending: ties go to the
+    earliest position. Order keys come from `order_by_value` (exact top-k of activations) or
+    `order_by_priority` (a random sample).
 
-    `payload` declares per-entry tensors as {name: (shape, dtype, fill)}; an update's `fetch(sel)`
-    returns them for the candidate indices `sel` that get in (so windows are gathered only for
-    the few entries that change the state, never for every candidate).
+    `order`, `key`, `value` are kept in rank order (slot 0 best); payloads (`payload` declares
+    them as {name: (shape, dtype, fill)}) sit in physical slots that never move, `phys[g, r]`
+    naming the slot of rank r, so a batch writes payload only for the entries it admits. An
+    update's `fetch(sel)` returns the payloads of the admitted candidates `sel`; `ranked(name)`
+    reads a payload in rank order.
     """
 
     def __init__(self, n_groups: int, k: int, payload: dict | None = None, device="cpu"):
+        if n_groups > MAX_GROUPS:
+            raise ValueError(f"TopKSlots: at most {MAX_GROUPS} groups, got {n_groups}")
         self.n_groups, self.k = n_groups, k
-        self.score = torch.full((n_groups, k), float("-inf"), dtype=torch.float64, device=device)
+        self.order = torch.full((n_groups, k), EMPTY_ORDER, dtype=torch.int64, device=device)
         self.key = torch.full((n_groups, k), EMPTY_KEY, dtype=torch.int64, device=device)
         self.value = torch.zeros((n_groups, k), dtype=torch.float32, device=device)
+        self.phys = torch.arange(k, device=device).repeat(n_groups, 1)
         self.spec = dict(payload or {})
         self.payload = {name: torch.full((n_groups, k, *shape), fill, dtype=dtype, device=device)
                         for name, (shape, dtype, fill) in self.spec.items()}
@@ -131,77 +157,108 @@ class TopKSlots:
     def filled(self) -> torch.Tensor:
         return self.key != EMPTY_KEY
 
-    def update(self, group: torch.Tensor, score: torch.Tensor, key: torch.Tensor,
+    def ranked(self, name: str) -> torch.Tensor:
+        """Payload `name` in rank order: [n_groups, k, ...]."""
+        t = self.payload[name]
+        idx = self.phys.view(self.n_groups, self.k, *([1] * (t.dim() - 2))).expand_as(t)
+        return t.gather(1, idx)
+
+    def update(self, group: torch.Tensor, order: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, fetch: Callable[[torch.Tensor], dict] | None = None) -> None:
-        # only candidates at least as good as the group's current k-th entry can get in
-        maybe = score >= self.score[group, -1]
+        """Offer candidates. Streaming contract: their keys ascend and exceed every key already
+        held (the corpus is read in order), so a tie in order always goes to the held entry."""
+        maybe = order < self.order[group, -1]
         if not bool(maybe.any()):
             return
         sel = maybe.nonzero().squeeze(1)
-
-        def fetch_sel(i):
-            return fetch(sel[i]) if fetch is not None else {}
-
-        self._merge_in(group[sel], score[sel].double(), key[sel], value[sel].float(), fetch_sel)
+        rows, row_of = torch.unique(group[sel], return_inverse=True)
+        n_rows, k, dev = rows.numel(), self.k, group.device
+        # candidates sorted by (row, order); the stable sort keeps key order within ties
+        comp = (row_of << ORDER_BITS) | order[sel]
+        perm = torch.argsort(comp, stable=True)
+        comp, row_c, cand = comp[perm], row_of[perm], sel[perm]
+        held_order, held_key = self.order[rows], self.key[rows]
+        held_comp = (torch.arange(n_rows, device=dev)[:, None] << ORDER_BITS) | held_order
+        # rank of a candidate = held entries ahead of it + earlier candidates of its row
+        ahead = torch.searchsorted(held_comp.reshape(-1), comp, right=True) - row_c * k
+        rank_c = ahead + ranks_within(row_c, n_rows)
+        in_c = rank_c < k  # a prefix of each row's candidates
+        row_c, ahead, rank_c, cand = row_c[in_c], ahead[in_c], rank_c[in_c], cand[in_c]
+        # a held entry moves down by the admitted candidates inserted ahead of it
+        bump = torch.zeros(n_rows, k + 1, dtype=torch.int64, device=dev)
+        bump.index_put_((row_c, ahead), torch.ones_like(ahead), accumulate=True)
+        rank_h = torch.arange(k, device=dev) + bump.cumsum(1)[:, :k]
+        in_h = (held_key != EMPTY_KEY) & (rank_h < k)
+        # physical slots of evicted and empty entries are free; admitted candidates take the
+        # first ones in rank order, the rest stay behind the last entry
+        phys = self.phys[rows]
+        free = ~in_h
+        free_at = free.long().cumsum(1) - 1
+        u = torch.arange(n_rows, device=dev)[:, None].expand(n_rows, k)
+        free_list = torch.empty_like(phys)
+        free_list[u[free], free_at[free]] = phys[free]
+        n_c = torch.bincount(row_c, minlength=n_rows)
+        nth_c = rank_c - ahead  # index among the row's admitted candidates
+        slot_c = free_list[row_c, nth_c]
+        new_order = torch.full_like(held_order, EMPTY_ORDER)
+        new_key = torch.full_like(held_key, EMPTY_KEY)
+        new_value = torch.zeros_like(self.value[rows])
+        new_phys = torch.empty_like(phys)
+        r_h = rank_h[in_h]
+        new_order[u[in_h], r_h] = held_order[in_h]
+        new_key[u[in_h], r_h] = held_key[in_h]
+        new_value[u[in_h], r_h] = self.value[rows][in_h]
+        new_phys[u[in_h], r_h] = phys[in_h]
+        new_order[row_c, rank_c] = order[cand]
+        new_key[row_c, rank_c] = key[cand]
+        new_value[row_c, rank_c] = value[cand].float()
+        new_phys[row_c, rank_c] = slot_c
+        i = torch.arange(k, device=dev)[None, :]
+        n_used = in_h.sum(1, keepdim=True) + n_c[:, None]
+        rest = (i >= n_c[:, None]) & (i < (k - in_h.sum(1, keepdim=True)))
+        new_phys[u[rest], (n_used + i - n_c[:, None])[rest]] = free_list[rest]
+        self.order[rows], self.key[rows], self.value[rows], self.phys[rows] = (
+            new_order, new_key, new_value, new_phys)
+        if self.spec:
+            got = fetch(cand)
+            for name in self.spec:
+                self.payload[name][rows[row_c], slot_c] = got[name].to(self.payload[name].dtype)
 
     def merge(self, other: "TopKSlots") -> None:
-        g, s = other.filled.nonzero(as_tuple=True)
-
-        def fetch(i):
-            return {name: other.payload[name][g[i], s[i]] for name in self.spec}
-
-        self._merge_in(g, other.score[g, s], other.key[g, s], other.value[g, s], fetch)
-
-    def _merge_in(self, group, score, key, value, fetch) -> None:
-        groups = torch.unique(group)
-        old_g, old_s = self.filled[groups].nonzero(as_tuple=True)
-        old_g = groups[old_g]
-        n_old = old_g.numel()
-        all_group = torch.cat([old_g, group])
-        all_score = torch.cat([self.score[old_g, old_s], score])
-        all_key = torch.cat([self.key[old_g, old_s], key])
-        all_value = torch.cat([self.value[old_g, old_s], value])
-        order = lexsort_desc(all_group, all_score, all_key)
-        g_sorted = all_group[order]
-        rank = ranks_within(g_sorted, self.n_groups)
-        keep = rank < self.k
-        src, g_new, r_new = order[keep], g_sorted[keep], rank[keep]
-        from_old = src < n_old
-        old_payload = {name: t[old_g[src[from_old]], old_s[src[from_old]]]
-                       for name, t in self.payload.items()}
-        new_payload = fetch(src[~from_old] - n_old) if self.spec else {}
-        # rewrite the touched groups: clear, then place the survivors at their ranks
-        self.score[groups] = float("-inf")
-        self.key[groups] = EMPTY_KEY
-        self.value[groups] = 0.0
+        """Add the entries of another instance (any key order); payloads are rewritten in rank
+        order. Rare (one call per shard), so a plain sort of everything held is fine."""
+        a_g, a_r = self.filled.nonzero(as_tuple=True)
+        b_g, b_r = other.filled.nonzero(as_tuple=True)
+        group = torch.cat([a_g, b_g])
+        order = torch.cat([self.order[a_g, a_r], other.order[b_g, b_r]])
+        key = torch.cat([self.key[a_g, a_r], other.key[b_g, b_r]])
+        value = torch.cat([self.value[a_g, a_r], other.value[b_g, b_r]])
+        payload = {n: torch.cat([self.ranked(n)[a_g, a_r], other.ranked(n)[b_g, b_r]]) for n in self.spec}
+        perm = torch.argsort(key, stable=True)
+        perm = perm[torch.argsort((group[perm] << ORDER_BITS) | order[perm], stable=True)]
+        rank = ranks_within(group[perm], self.n_groups)
+        keep = perm[rank < self.k]
+        g, r = group[keep], rank[rank < self.k]
+        self.order.fill_(EMPTY_ORDER)
+        self.key.fill_(EMPTY_KEY)
+        self.value.zero_()
+        self.phys.copy_(torch.arange(self.k, device=self.phys.device).expand_as(self.phys))
+        self.order[g, r], self.key[g, r], self.value[g, r] = order[keep], key[keep], value[keep]
         for name, (shape, dtype, fill) in self.spec.items():
-            self.payload[name][groups] = fill
-        self.score[g_new, r_new] = all_score[src]
-        self.key[g_new, r_new] = all_key[src]
-        self.value[g_new, r_new] = all_value[src]
-        for name in self.spec:
-            t = self.payload[name]
-            t[g_new[from_old], r_new[from_old]] = old_payload[name]
-            t[g_new[~from_old], r_new[~from_old]] = new_payload[name].to(t.dtype)
+            self.payload[name].fill_(fill)
+            self.payload[name][g, r] = payload[name][keep]
 
     def state_dict(self) -> dict:
-        d = {"score": self.score.cpu(), "key": self.key.cpu(), "value": self.value.cpu()}
+        d = {"order": self.order.cpu(), "key": self.key.cpu(), "value": self.value.cpu(),
+             "phys": self.phys.cpu()}
         d.update({f"payload.{n}": t.cpu() for n, t in self.payload.items()})
         return d
 
     def load_state_dict(self, state: dict) -> None:
-        self.score.copy_(state["score"])
-        self.key.copy_(state["key"])
-        self.value.copy_(state["value"])
+        for name in ("order", "key", "value", "phys"):
+            getattr(self, name).copy_(state[name])
         for n, t in self.payload.items():
             t.copy_(state[f"payload.{n}"])
-
-
-def lexsort_desc(group: torch.Tensor, score: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Order by group ascending, then score descending, then key ascending (three stable sorts)."""
-    order = torch.argsort(key, stable=True)
-    order = order[torch.argsort(score[order], descending=True, stable=True)]
-    return order[torch.argsort(group[order], stable=True)]
 
 
 def ranks_within(sorted_groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -217,6 +274,8 @@ class ActivationHistogram:
     """
     Per latent, `n_bins` (a power of two) equal bins over [0, 2^exp] holding every non-zero
     activation; bin i is [i·w, (i+1)·w) with w = 2^exp / n_bins, the last bin also holds 2^exp.
+    Fine enough (1024 bins by default) to place quantile edges on bin boundaries, where the
+    fraction of activations on either side is known exactly; `coarsened` gives the display bins.
     """
 
     NO_DATA = -(1 << 20)
@@ -226,7 +285,7 @@ class ActivationHistogram:
             raise ValueError(f"n_bins must be a power of two >= 2, got {n_bins}")
         self.n_bins = n_bins
         self.log2_bins = n_bins.bit_length() - 1
-        self.counts = torch.zeros((n, n_bins), dtype=torch.int64, device=device)
+        self.counts = torch.zeros((n, n_bins), dtype=torch.int32, device=device)
         self.exp = torch.full((n,), self.NO_DATA, dtype=torch.int64, device=device)
 
     def update(self, group: torch.Tensor, value: torch.Tensor) -> None:
@@ -235,8 +294,31 @@ class ActivationHistogram:
         e = e.long() - (mant == 0.5).long()  # smallest e with value <= 2^e
         need = self.exp.clone().scatter_reduce_(0, group, e, "amax")
         self._grow(need)
-        b = torch.ldexp(value, (self.log2_bins - self.exp[group]).float()).long().clamp_(max=self.n_bins - 1)
-        self.counts.view(-1).index_add_(0, group * self.n_bins + b, torch.ones_like(b))
+        b = self.bin_index(group, value)
+        self.counts.view(-1).index_add_(0, group * self.n_bins + b,
+                                        torch.ones(b.numel(), dtype=torch.int32, device=b.device))
+
+    def bin_index(self, group: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The bin of each (latent, value) under the current ranges (exact: scaling by 2^k)."""
+        scaled = torch.ldexp(value.float(), (self.log2_bins - self.exp[group]).float())
+        return scaled.long().clamp_(max=self.n_bins - 1)
+
+    def width(self) -> torch.Tensor:
+        """Bin width per latent (float64; meaningless for latents that never fired)."""
+        return torch.ldexp(torch.ones_like(self.exp, dtype=torch.float64),
+                           (self.exp - self.log2_bins).clamp(min=-1000).double())
+
+    def coarsened(self, n_bins: int) -> torch.Tensor:
+        """Counts summed into n_bins equal bins over the same ranges (n_bins divides n_bins)."""
+        return self.counts.view(self.counts.shape[0], n_bins, -1).sum(2, dtype=torch.int64)
+
+    def quantile_boundaries(self, n_quantiles: int) -> torch.Tensor:
+        """[n, n_quantiles - 1] bin boundaries b_j (edges b_j·w): the smallest boundary with at
+        least j/n_quantiles of the latent's activations below it."""
+        cum = self.counts.cumsum(1, dtype=torch.int64)
+        total = cum[:, -1:].double()
+        targets = total * torch.arange(1, n_quantiles, device=cum.device, dtype=torch.float64) / n_quantiles
+        return torch.searchsorted(cum.double().contiguous(), targets.contiguous()) + 1
 
     def _grow(self, new_exp: torch.Tensor) -> None:
         self.counts = _rebinned(self.counts, self.exp, new_exp, self.NO_DATA)
@@ -247,15 +329,6 @@ class ActivationHistogram:
         self.counts = (_rebinned(self.counts, self.exp, exp, self.NO_DATA)
                        + _rebinned(other.counts, other.exp, exp, self.NO_DATA))
         self.exp = exp
-
-    def edges_counts(self, i: int) -> tuple[list[float], list[int]] | None:
-        """Latent i's histogram, trimmed after the last non-empty bin; None if it never fired."""
-        if int(self.exp[i]) == self.NO_DATA:
-            return None
-        counts = self.counts[i].tolist()
-        last = max(j for j, c in enumerate(counts) if c) + 1
-        width = 2.0 ** int(self.exp[i]) / self.n_bins
-        return [j * width for j in range(last + 1)], counts[:last]
 
     def state_dict(self) -> dict:
         return {"counts": self.counts.cpu(), "exp": self.exp.cpu()}
@@ -284,136 +357,177 @@ def _rebinned(counts: torch.Tensor, exp: torch.Tensor, new_exp: torch.Tensor,
 # ----------------------------------------------------------------------------- coactivation
 
 class CoactivationCounts:
-    """counts[i, j] = tokens on which latents i and j are both active (diagonal: i's count)."""
+    """
+    Tokens on which two latents are both active. `pairs[i, j]` (i < j; the lower triangle and the
+    diagonal stay 0) is filled from each token's active set; `matrix(count)` adds the transpose
+    and puts each latent's own count on the diagonal.
+    """
 
     PAIR_CHUNK = 1 << 22  # pair indices materialised at once
 
     def __init__(self, n: int, device="cpu"):
         self.n = n
-        self.counts = torch.zeros((n, n), dtype=torch.int32, device=device)
+        self.pairs = torch.zeros((n, n), dtype=torch.int32, device=device)
         self.tokens = 0
 
     def update(self, rows: torch.Tensor, group: torch.Tensor, n_rows: int,
                dense_active: torch.Tensor | None = None) -> None:
-        """Active (row, latent) pairs of a batch of `n_rows` tokens, grouped by row ascending.
-
-        `dense_active` ([n_rows, n] bool), when given, allows the GEMM path."""
+        """Active (row, latent) pairs of a batch of `n_rows` tokens, rows ascending and latents
+        ascending within a row. `dense_active` ([n_rows, n] bool) allows the GEMM path."""
         if self.tokens + n_rows >= 2**31:
             raise OverflowError("coactivation counts are int32: mine fewer than 2^31 tokens")
         self.tokens += n_rows
         if rows.numel() == 0:
             return
         per_row = torch.bincount(rows, minlength=n_rows)
-        pairs = int((per_row * per_row).sum())
+        pairs = int((per_row * (per_row - 1)).sum()) // 2
         # a scatter-add costs a few hundred GEMM multiply-adds: pick the cheaper path
-        if dense_active is not None and pairs * 256 > n_rows * self.n * self.n:
+        if dense_active is not None and pairs * 512 > n_rows * self.n * self.n:
             self._update_dense(dense_active)
         else:
             self._update_pairs(rows, group, per_row)
 
     def _update_pairs(self, rows, group, per_row) -> None:
         m = int(per_row.max())
-        starts = torch.cumsum(per_row, 0) - per_row
-        slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-        active_rows = per_row.nonzero().squeeze(1)
-        remap = torch.full_like(per_row, -1)
-        remap[active_rows] = torch.arange(active_rows.numel(), device=rows.device)
-        padded = torch.full((active_rows.numel(), m), -1, dtype=torch.int64, device=rows.device)
-        padded[remap[rows], slot] = group
-        flat = self.counts.view(-1)
-        step = max(1, self.PAIR_CHUNK // (m * m))
+        if m < 2:
+            return
+        # int32 pair indices when n² fits: half the memory traffic of the gathers
+        dtype = torch.int32 if self.n * self.n < 2**31 else torch.int64
+        if int(per_row.min()) == m:  # every token has m active latents (TopK): no padding
+            padded = group.to(dtype).view(-1, m)
+        else:
+            starts = torch.cumsum(per_row, 0) - per_row
+            slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+            active_rows = per_row.nonzero().squeeze(1)
+            remap = torch.full_like(per_row, -1)
+            remap[active_rows] = torch.arange(active_rows.numel(), device=rows.device)
+            padded = torch.full((active_rows.numel(), m), -1, dtype=dtype, device=rows.device)
+            padded[remap[rows], slot] = group.to(dtype)
+        ii, jj = torch.triu_indices(m, m, offset=1, device=rows.device)
+        flat = self.pairs.view(-1)
+        step = max(1, self.PAIR_CHUNK // ii.numel())
+        full = int(per_row.min()) == m
         for s in range(0, padded.shape[0], step):
-            p = padded[s:s + step]
-            ok = (p[:, :, None] >= 0) & (p[:, None, :] >= 0)
-            idx = (p[:, :, None] * self.n + p[:, None, :])[ok]
-            flat.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+            a, b = padded[s:s + step, ii], padded[s:s + step, jj]  # a < b: latents ascend in a row
+            idx = (a * self.n + b).view(-1) if full else (a * self.n + b)[b >= 0]
+            flat.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int32, device=idx.device))
 
     def _update_dense(self, active: torch.Tensor) -> None:
         # 0/1 products summed in fp32 are exact integers below 2^24 per chunk
         step = 1 << 14
         for s in range(0, active.shape[0], step):
             a = active[s:s + step].float()
-            self.counts += (a.t() @ a).round_().to(torch.int32)
+            self.pairs += (a.t() @ a).triu_(1).round_().to(torch.int32)
+
+    def symmetric(self, count: torch.Tensor) -> torch.Tensor:
+        """The full symmetric int32 count matrix, each latent's own count (`count`, from
+        FeatureMoments) on the diagonal."""
+        full = self.pairs + self.pairs.t()
+        full.diagonal().copy_(count)
+        return full
 
     def merge(self, other: "CoactivationCounts") -> None:
-        self.counts += other.counts
+        self.pairs += other.pairs
         self.tokens += other.tokens
 
     def state_dict(self) -> dict:
-        return {"counts": self.counts.cpu(), "tokens": self.tokens}
+        return {"pairs": self.pairs.cpu(), "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        self.counts.copy_(state["counts"])
+        self.pairs.copy_(state["pairs"])
         self.tokens = int(state["tokens"])
 
 
-# ----------------------------------------------------------------------------- sparse counter
+# ----------------------------------------------------------------------------- pair counter
 
-class SparseCounter:
+class PairCounter:
     """
-    Exact count and float64 sum per key (row·n_cols + col) over the keys that occur.
+    Exact count and float64 sum per (row, col) pair, e.g. (token, latent) for the reverse index.
 
-    Memory is the number of distinct keys seen (at most n_rows·n_cols), not the number of
-    updates: each batch is coalesced at once and folded into a sorted table when the pending
-    part exceeds `fold_at` entries.
+    Dense tables when n_rows·n_cols·12 bytes fits `dense_bytes`; otherwise a sparse table of the
+    pairs that occur (memory = distinct pairs, at most n_rows·n_cols, whatever the corpus size):
+    updates are buffered and folded into a sorted key table with one sort per `fold_at` entries.
     """
 
-    def __init__(self, n_cols: int, fold_at: int = 1 << 22, device="cpu"):
-        self.n_cols, self.fold_at, self.device = n_cols, fold_at, device
-        self.keys = torch.zeros(0, dtype=torch.int64, device=device)
-        self.count = torch.zeros(0, dtype=torch.int64, device=device)
-        self.sum = torch.zeros(0, dtype=torch.float64, device=device)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._pending_size = 0
+    def __init__(self, n_rows: int, n_cols: int, dense_bytes: int = 256 << 20,
+                 fold_at: int = 1 << 23, device="cpu"):
+        self.n_rows, self.n_cols, self.fold_at, self.device = n_rows, n_cols, fold_at, device
+        self.dense = n_rows * n_cols * 12 <= dense_bytes
+        if self.dense:
+            self.count = torch.zeros(n_rows * n_cols, dtype=torch.int32, device=device)
+            self.sum = torch.zeros(n_rows * n_cols, dtype=torch.float64, device=device)
+        else:
+            self.keys = torch.zeros(0, dtype=torch.int64, device=device)
+            self.count = torch.zeros(0, dtype=torch.int64, device=device)
+            self.sum = torch.zeros(0, dtype=torch.float64, device=device)
+            self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            self._pending_size = 0
 
     def update(self, row: torch.Tensor, col: torch.Tensor, value: torch.Tensor) -> None:
         keys = row.long() * self.n_cols + col.long()
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        count = torch.zeros_like(uniq).index_add_(0, inv, torch.ones_like(inv))
-        total = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device)
-        total.index_add_(0, inv, value.double())
-        self._pending.append((uniq, count, total))
-        self._pending_size += uniq.numel()
-        if self._pending_size > self.fold_at:
-            self.fold()
+        if self.dense:
+            self.count.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+            self.sum.index_add_(0, keys, value.double())
+            return
+        self._pending.append((keys, torch.ones_like(keys), value.double()))
+        self._pending_size += keys.numel()
+        if self._pending_size >= self.fold_at:
+            self._fold()
 
-    def fold(self) -> None:
-        if not self._pending:
+    def _fold(self) -> None:
+        if self.dense or not self._pending:
             return
         parts = [(self.keys, self.count, self.sum), *self._pending]
-        keys = torch.cat([p[0] for p in parts])
-        uniq, inv = torch.unique(keys, return_inverse=True)
+        uniq, inv = torch.unique(torch.cat([p[0] for p in parts]), return_inverse=True)
         self.count = torch.zeros_like(uniq).index_add_(0, inv, torch.cat([p[1] for p in parts]))
         self.sum = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device).index_add_(
             0, inv, torch.cat([p[2] for p in parts]))
         self.keys = uniq
         self._pending, self._pending_size = [], 0
 
-    def merge(self, other: "SparseCounter") -> None:
-        other.fold()
-        self._pending.append((other.keys, other.count, other.sum))
-        self.fold()
+    def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, count, sum) of every pair that occurred, keys ascending."""
+        if self.dense:
+            keys = self.count.nonzero().squeeze(1)
+            return keys, self.count[keys].long(), self.sum[keys]
+        self._fold()
+        return self.keys, self.count, self.sum
+
+    def merge(self, other: "PairCounter") -> None:
+        keys, count, total = other.table()
+        if self.dense:
+            self.count.index_add_(0, keys, count.to(torch.int32))
+            self.sum.index_add_(0, keys, total)
+        else:
+            self._pending.append((keys, count, total))
+            self._fold()
 
     def top_per_row(self, n_top: int) -> dict[str, torch.Tensor]:
         """Per row, the n_top columns by count (ties: the smaller column)."""
-        self.fold()
-        row, col = self.keys // self.n_cols, self.keys % self.n_cols
-        n_rows = int(row.max()) + 1 if row.numel() else 1
-        order = lexsort_desc(row, self.count.double(), col)
-        rank = ranks_within(row[order], n_rows)
-        keep = order[rank < n_top]
-        return {"row": row[keep], "col": col[keep], "count": self.count[keep], "sum": self.sum[keep],
+        keys, count, total = self.table()
+        row, col = keys // self.n_cols, keys % self.n_cols
+        # keys ascend, so within a row columns ascend: one stable sort by (row, -count)
+        composite = row * (int(count.max()) + 1 if count.numel() else 1) - count
+        perm = torch.argsort(composite, stable=True)
+        rank = ranks_within(row[perm], self.n_rows)
+        keep = perm[rank < n_top]
+        return {"row": row[keep], "col": col[keep], "count": count[keep], "sum": total[keep],
                 "rank": rank[rank < n_top]}
 
     def state_dict(self) -> dict:
-        self.fold()
-        return {"keys": self.keys.cpu(), "count": self.count.cpu(), "sum": self.sum.cpu()}
+        keys, count, total = self.table()
+        return {"keys": keys.cpu(), "count": count.cpu(), "sum": total.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keys = state["keys"].to(self.device)
-        self.count = state["count"].to(self.device)
-        self.sum = state["sum"].to(self.device)
-        self._pending, self._pending_size = [], 0
+        keys, count, total = (state[k].to(self.device) for k in ("keys", "count", "sum"))
+        if self.dense:
+            self.count.zero_()
+            self.sum.zero_()
+            self.count[keys] = count.to(torch.int32)
+            self.sum[keys] = total
+        else:
+            self.keys, self.count, self.sum = keys, count, total
+            self._pending, self._pending_size = [], 0
 
 
 # ----------------------------------------------------------------------------- token counts
@@ -442,24 +556,23 @@ class TokenCounts:
 class SaeStats:
     """
     Everything mining keeps about one SAE, updated from each batch's sparse activations:
-    moments, exact top-k with windows, a priority sample of values (for quantile bin edges) and
-    its first entries with windows (interval examples), the activation histogram, coactivation
-    counts (optional), the (token, latent) reverse index, and a priority sample of random
-    positions with their windows and active sets (negatives for label scoring).
+    moments, exact top-k with windows, a priority sample with windows (interval examples), the
+    fine activation histogram (display bins and quantile edges), coactivation counts (optional),
+    the (token, latent) reverse index, and a priority sample of random positions with their
+    windows and active sets (negatives for label scoring).
     """
 
-    def __init__(self, d_sae: int, window: int, top_k: int, sample_k: int, value_k: int,
+    def __init__(self, d_sae: int, vocab_size: int, window: int, top_k: int, sample_k: int,
                  random_k: int, hist_bins: int, coactivation: bool, seed: int, device="cpu"):
         win = {"tokens": ((window,), torch.int32, -1), "acts": ((window,), torch.float32, 0.0)}
         self.seed = seed
         self.n_tokens = 0
         self.moments = FeatureMoments(d_sae, device)
         self.top = TopKSlots(d_sae, top_k, win, device)
-        self.values = TopKSlots(d_sae, value_k, None, device)
         self.samples = TopKSlots(d_sae, sample_k, win, device)
         self.hist = ActivationHistogram(d_sae, hist_bins, device)
         self.coact = CoactivationCounts(d_sae, device) if coactivation else None
-        self.token_features = SparseCounter(d_sae, device=device)
+        self.token_features = PairCounter(vocab_size, d_sae, device=device)
         self.random = TopKSlots(1, random_k, {"tokens": ((window,), torch.int32, -1),
                                               "active": ((d_sae,), torch.bool, False)}, device)
 
@@ -473,38 +586,39 @@ class SaeStats:
         (optional; lets coactivation use a GEMM when that is cheaper).
         """
         n = key.numel()
+        if self.n_tokens + n >= 2**31:
+            raise OverflowError("counts are int32: mine fewer than 2^31 tokens per run")
         self.n_tokens += n
         self.moments.update(group, value)
         self.hist.update(group, value)
         k = key[rows]
-        self.top.update(group, value, k, value, lambda i: windows(rows[i], group[i]))
-        neg_priority = -priorities(k, group, self.seed)
-        self.values.update(group, neg_priority, k, value)
-        self.samples.update(group, neg_priority, k, value, lambda i: windows(rows[i], group[i]))
+        self.top.update(group, order_by_value(value), k, value, lambda i: windows(rows[i], group[i]))
+        self.samples.update(group, order_by_priority(k, group, self.seed), k, value,
+                            lambda i: windows(rows[i], group[i]))
         if self.coact is not None:
             self.coact.update(rows, group, n, None if codes is None else codes > 0)
         self.token_features.update(token[rows], group, value)
         zeros = torch.zeros_like(key)
-        self.random.update(zeros, -priorities(key, -1, self.seed), key,
+        self.random.update(zeros, order_by_priority(key, -1, self.seed), key,
                            torch.zeros(n, dtype=torch.float32, device=key.device),
                            lambda i: {"tokens": windows(i, None)["tokens"], "active": active(i)})
 
     def merge(self, other: "SaeStats") -> None:
         self.n_tokens += other.n_tokens
-        for name in ("moments", "top", "values", "samples", "hist", "token_features", "random"):
+        for name in ("moments", "top", "samples", "hist", "token_features", "random"):
             getattr(self, name).merge(getattr(other, name))
         if self.coact is not None:
             self.coact.merge(other.coact)
 
     def state_dict(self) -> dict:
-        parts = ("moments", "top", "values", "samples", "hist", "token_features", "random")
+        parts = ("moments", "top", "samples", "hist", "token_features", "random")
         d = {name: getattr(self, name).state_dict() for name in parts}
         d["coact"] = self.coact.state_dict() if self.coact is not None else None
         d["n_tokens"] = self.n_tokens
         return d
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("moments", "top", "values", "samples", "hist", "token_features", "random"):
+        for name in ("moments", "top", "samples", "hist", "token_features", "random"):
             getattr(self, name).load_state_dict(state[name])
         if self.coact is not None:
             self.coact.load_state_dict(state["coact"])

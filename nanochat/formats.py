@@ -11,7 +11,8 @@ value-embedding gate range (nanochat_format.md §8), so the keys and shapes are 
     2026-01-18  2026-01-18 .. 2026-03-01 + value_embeds.*, ve_gate (Hkv, 32)  } same keys:
     2026-03-02  2026-03-02 .. 2026-03-08 + value_embeds.*, ve_gate (Hkv, 32)  } softcap 15 vs 20
     2026-03-09  2026-03-09 .. 2026-03-13 + value_embeds.*, ve_gate (Hkv, 12)
-    2026-03-14  2026-03-14 .. 2026-07-03 + ve_gate (Hkv, 12), smear_gate, smear_lambda, backout_lambda
+    2026-03-14  2026-03-14 .. 2026-07-03 + ve_gate (Hkv, 12), smear_gate, smear_lambda,
+                                           backout_lambda
 
 Choices:
 - an era whose numerics the keys determine is loaded; a key set that matches no era, or
@@ -105,7 +106,8 @@ def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_PAD) * VOCAB_PAD
 
 
-_BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_[qkv]|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_BLOCK_KEY = re.compile(
+    r"^transformer\.h\.(\d+)\.(attn\.c_[qkv]|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _VE_GATE_KEY = re.compile(r"^transformer\.h\.(\d+)\.attn\.ve_gate\.weight$")
 _VE_KEY = re.compile(r"^value_embeds\.(\d+)\.weight$")
 _PLAIN_KEYS = {"transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas",
@@ -113,7 +115,7 @@ _PLAIN_KEYS = {"transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_
 
 
 def detect_era(state_dict: dict, meta: dict, where: str = "checkpoint") -> Era:
-    """The era of a checkpoint (keys already stripped of `_orig_mod.`), or UnsupportedFormatError."""
+    """The era of a checkpoint (keys without `_orig_mod.`); UnsupportedFormatError if none fits."""
     mc = meta.get("model_config", {})
     for k in ("vocab_size", "n_layer"):
         if k not in mc:
@@ -129,7 +131,8 @@ def detect_era(state_dict: dict, meta: dict, where: str = "checkpoint") -> Era:
 
     # the state-dict features, each all-or-nothing
     lambdas = _all_or_none(keys, ["resid_lambdas", "x0_lambdas"], where, found)
-    smear = _all_or_none(keys, ["smear_gate.weight", "smear_lambda", "backout_lambda"], where, found)
+    smear = _all_or_none(keys, ["smear_gate.weight", "smear_lambda", "backout_lambda"], where,
+                         found)
     ve_layers = sorted(int(m.group(1)) for k in keys if (m := _VE_KEY.match(k)))
     gate_layers = sorted(int(m.group(1)) for k in keys if (m := _VE_GATE_KEY.match(k)))
     gate_widths = sorted({state_dict[f"transformer.h.{i}.attn.ve_gate.weight"].shape[-1]
@@ -153,7 +156,8 @@ def detect_era(state_dict: dict, meta: dict, where: str = "checkpoint") -> Era:
     candidates = [e for e in ERAS.values()
                   if e.lambdas == lambdas and e.smear_backout == smear
                   and e.ve_gate_channels == ve_width]
-    rows = state_dict["transformer.wte.weight"].shape[0] if "transformer.wte.weight" in keys else None
+    wte = state_dict.get("transformer.wte.weight")
+    rows = wte.shape[0] if wte is not None else None
     if not lambdas:
         if window.upper().strip("L"):
             _refuse(where, f"window_pattern={window!r} without resid_lambdas/x0_lambdas; sliding "

@@ -10,8 +10,8 @@ Compared with the Oct-2025 GPT in gpt.py, the forward pass is:
     x0 = x
     for each block i:
         x = resid_lambdas[i]*x + x0_lambdas[i]*x0      [2026-01-11+]  (outside the block)
-        x = h[i](x, ve_i, ...)   attention adds v += k*sigmoid(ve_gate(x[:, :c]))*value_embeds[i](idx)
-                                 on alternating layers (the last one included) [2026-01-18+],
+        x = h[i](x, ve_i, ...)   attention adds k*sigmoid(ve_gate(x[..., :c]))*value_embeds[i](idx)
+                                 to v on alternating layers (the last one included) [2026-01-18+],
                                  q and k scaled after QK norm, sliding windows per layer
         x_backout = x if i == n_layer//2                [2026-03-14+]
     x = x - backout_lambda*x_backout
@@ -167,7 +167,8 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = config.ve_gate_channels
         self.ve_gate_range = config.ve_gate_range
         has_ve = layer_idx in config.ve_layers()
-        self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
+        self.ve_gate = (nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False)
+                        if has_ve else None)
 
     def forward(self, x, ve, cos_sin, window: int, kv_cache=None):
         B, T, C = x.size()
@@ -177,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             # value residual: a per-head gate read from the first channels of the block input
             gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         cos, sin = (t.to(q.dtype) for t in cos_sin)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)
@@ -238,7 +239,7 @@ class GPT2026(nn.Module):
         Unlike nanochat, output projections and smear_lambda are not zero, so every path of
         an untrained model carries signal.
         """
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator(self.get_device()).manual_seed(seed) if seed is not None else None
         c, L = self.config, self.config.n_layer
         s = 3 ** 0.5 * c.n_embd ** -0.5
         nn.init.normal_(self.transformer.wte.weight, std=0.8, generator=gen)
@@ -277,6 +278,8 @@ class GPT2026(nn.Module):
         The scalar by which a write into resid_post(layer) reaches the final norm's input
         along the residual path: the product of later resid_lambdas, minus backout_lambda
         times the product up to the backout layer when the write precedes or is that layer.
+        Writes into resid_pre/resid_mid(layer), attn_out and mlp_out of that block pass
+        into resid_post(layer) unscaled, so they share this gain.
         """
         L = self.config.n_layer
         if not 0 <= layer < L:
@@ -291,7 +294,7 @@ class GPT2026(nn.Module):
         return gain
 
     def _smear(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
-        """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1], on the normed embedding."""
+        """x[t] += smear_lambda*sigmoid(smear_gate(x[t, :24]))*x[t-1], on the normed embedding."""
         prev = kv_cache.prev_embedding if kv_cache is not None else None
         if kv_cache is not None:
             kv_cache.prev_embedding = x[:, -1:]

@@ -348,7 +348,7 @@ class CachedActivations:
         acts = {}
         for name in self.hook_names:
             arr = self.cache.array(name)
-            acts[name] = torch.cat([torch.from_numpy(np.ascontiguousarray(arr[a:b]))
+            acts[name] = torch.cat([torch.from_numpy(np.array(arr[a:b]))
                                     for a, b in pieces]).to(self.device, torch.float32)
         return acts, n, [cycle, offset]
 

@@ -48,7 +48,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True  # encode (x - b_dec) rather than x
     input_scale: float = 1.0  # see module docstring; 1.0 once exported
     # sparsity penalties (relu, gated, jumprelu); ignored by topk/batchtopk
-    l1_coefficient: float = 5.0
+    l1_coefficient: float | None = None  # None: a width-aware default, see resolved_l1_coefficient
     jumprelu_sparsity: str = "tanh"  # 'tanh' (Anthropic 2025) or 'step' (true L0, DeepMind)
     jumprelu_bandwidth: float = 2.0  # STE kernel width, in normalised units (E‖x‖ = sqrt(d_in))
     jumprelu_init_threshold: float = 0.1
@@ -77,6 +77,20 @@ class SAEConfig:
     @property
     def folder_name(self) -> str:
         return self.name or self.hook_name or "sae"
+
+    @property
+    def resolved_l1_coefficient(self) -> float:
+        """Default sparsity coefficients, for inputs normalised to E‖x‖ = sqrt(d_in).
+
+        An L1 penalty trades against MSE gradients that grow like sqrt(d_in); a count-like penalty
+        (tanh, L0) trades against a latent's share of ‖x‖², which grows like d_in. The constants
+        recover planted dictionaries at about the true L0 (tests/test_sae_models.py); for real
+        activations, sweep it (or use l0_target) to reach the L0 you want."""
+        if self.l1_coefficient is not None:
+            return self.l1_coefficient
+        d = self.d_in
+        return {"relu": 0.05 * math.sqrt(d), "gated": 0.2 * math.sqrt(d),
+                "jumprelu": (1e-3 if self.jumprelu_sparsity == "tanh" else 3e-3) * d}.get(self.architecture, 0.0)
 
     @property
     def resolved_k_aux(self) -> int:

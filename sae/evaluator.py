@@ -145,8 +145,15 @@ def write_eval_json(sae_dir, result: dict) -> Path:
         except json.JSONDecodeError as e:
             raise ValueError(f"cannot parse {path}: {e}") from e
     report["val"] = result
-    tmp = path.with_name(f".eval.json.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(_finite(report), indent=2))
+    return save_json(path, report)
+
+
+def save_json(path, obj) -> Path:
+    """Write obj as JSON atomically (temp file + rename); NaN/inf become null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(_finite(obj), indent=2))
     os.replace(tmp, path)
     return path
 

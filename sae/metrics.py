@@ -4,7 +4,8 @@ SAE reconstruction and sparsity metrics: pure functions on tensors, and a stream
 Definitions (recipe §4), over tokens t, with μ the per-dimension mean of the evaluated tokens:
 - fvu = Σ_t‖x_t - x̂_t‖² / Σ_t‖x_t - μ‖² (centered; primary). explained_variance = 1 - fvu.
 - explained_variance_saelens = 1 - E‖e‖² / (E‖x‖² - (E‖x‖²/d)²), SAELens/SAEBench's formula, which is
-  close to an uncentered denominator; reported only for comparison with their numbers.
+  close to an uncentered denominator for large d (and meaningless for tiny d, where it is still
+  computed as they do); reported only for comparison with their numbers.
 - mse = E_t‖x_t - x̂_t‖² (summed over d); mse_per_dim = mse / d.
 - l0 = E_t #{i: f_i > 0}; l1 = E_t Σ_i f_i.
 - cossim = E_t cos(x_t, x̂_t); l2_ratio = E_t ‖x̂_t‖/‖x_t‖ (tokens with ‖x‖ < 1e-4 divide by 1, as
@@ -118,7 +119,7 @@ class SAEMetrics:
             "n_tokens": n,
             "fvu": fvu_,
             "explained_variance": 1 - fvu_,
-            "explained_variance_saelens": 1 - (s["sq_err"] / n) / saelens_total if saelens_total > 0 else float("nan"),
+            "explained_variance_saelens": 1 - (s["sq_err"] / n) / saelens_total if saelens_total != 0 else float("nan"),
             "mse": s["sq_err"] / n,
             "mse_per_dim": s["sq_err"] / (n * d),
             "l0": s["l0"] / n,

@@ -127,6 +127,7 @@ class SAERuntime:
         """Record the top_n active features of every token (and the activations of `watch`)."""
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
+        watch = list(watch)
         for sae_id in self._ids(sae_ids):
             sae = self.saes[sae_id]
             ids = [self._check_feature(sae_id, f) for f in watch]

@@ -48,7 +48,7 @@ class RunConfig:
     expansion: float = 8.0
     k: int = 32
     l1_coefficient: float | None = None  # relu / gated / jumprelu sparsity weight; None: SAEConfig's
-    tokens: int = 2_000_000  # training tokens per SAE
+    tokens: int | None = None  # training tokens per SAE; None: 500k on CPU (the demo in ~3 min), 50M on CUDA
     batch_size: int = 4096  # tokens per optimizer step
     lr: float | None = None  # None: 2e-4/sqrt(width/16384)·sqrt(batch/8192)
     checkpoint: str | None = None  # nanochat checkpoint dir or model_<step>.pt; None: see module doc
@@ -63,7 +63,7 @@ class RunConfig:
     cache_activations: bool = False  # keep the stream's activations on disk for repeated sweeps
     cache_dir: str | None = None  # None: $NANOCHAT_ATLAS_CACHE/activations
     cache_dtype: str = "float16"
-    eval_tokens: int = 32_768  # val-split tokens for the spliced evaluation (0: skip)
+    eval_tokens: int | None = None  # val-split tokens for the spliced evaluation (0: skip); None: 16k CPU, 1M CUDA
     seed: int = 0
     quiet: bool = False
     train_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields
@@ -76,7 +76,7 @@ class RunConfig:
             raise ValueError(f"hook {self.hook!r}: expected one of "
                              f"{', '.join(k.removeprefix('hook_') for k in HOOK_KINDS)}")
         for key in ("tokens", "batch_size", "k"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected > 0")
         if self.width is None and not self.expansion > 0:
             raise ValueError(f"expansion={self.expansion!r}: expected > 0")
@@ -97,6 +97,9 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
     from nanochat.model_source import resolve_corpus, resolve_model
     say = (lambda msg: None) if cfg.quiet else (log or _print_stderr)
     device = autodetect_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    tokens = cfg.tokens or (50_000_000 if on_gpu else 500_000)
+    eval_tokens = cfg.eval_tokens if cfg.eval_tokens is not None else (1 << 20 if on_gpu else 16_384)
     if source is None:
         source = resolve_model(cfg.checkpoint, device, quiet=cfg.quiet)
     model, tokenizer = source.model, source.tokenizer
@@ -112,7 +115,7 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
     seq_len = int(cfg.seq_len or model.config.sequence_len)
 
     sae_cfgs = [_sae_config(cfg, h, dims[h], source, corpus, seq_len) for h in hooks]
-    train_cfg = _train_config(cfg, device)
+    train_cfg = _train_config(cfg, tokens, device)
     stream_tokens = stream_token_budget(train_cfg)
     bytes_per_token = sum(dims.values()) * 4
     buffer_tokens = cfg.buffer_tokens or max(cfg.batch_size, min(
@@ -151,9 +154,9 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
     sae_dirs = {s.cfg.hook_name: out / s.cfg.folder_name for s in saes}
 
     evals: dict[str, dict] = {}
-    if cfg.eval_tokens > 0:
+    if eval_tokens > 0:
         results = evaluate_saes(model, tokenizer, corpus, saes,
-                                EvalConfig(n_tokens=cfg.eval_tokens, seq_len=seq_len), device=device,
+                                EvalConfig(n_tokens=eval_tokens, seq_len=seq_len), device=device,
                                 quiet=cfg.quiet)
         for sae, r in zip(saes, results):
             write_eval_json(sae_dirs[sae.cfg.hook_name], r)
@@ -202,10 +205,10 @@ def _sae_config(cfg: RunConfig, hook: str, d_in: int, source, corpus, seq_len: i
                      context_size=seq_len, dataset_path=str(corpus), **extra)
 
 
-def _train_config(cfg: RunConfig, device: torch.device) -> TrainConfig:
+def _train_config(cfg: RunConfig, tokens: int, device: torch.device) -> TrainConfig:
     defaults = TrainConfig()
-    held_out = lambda default: min(default, max(cfg.batch_size, cfg.tokens // 8))  # noqa: E731
-    kwargs = dict(total_tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, device=str(device),
+    held_out = lambda default: min(default, max(cfg.batch_size, tokens // 8))  # noqa: E731
+    kwargs = dict(total_tokens=tokens, batch_size=cfg.batch_size, lr=cfg.lr, device=str(device),
                   seed=cfg.seed, quiet=cfg.quiet,
                   init_tokens=held_out(defaults.init_tokens),
                   calibration_tokens=held_out(defaults.calibration_tokens),

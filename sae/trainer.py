@@ -107,7 +107,7 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
             for group in r.optimizer.param_groups:
                 group["lr"] = r.lr * lr_factor
             ctx = LossContext(dead=r.tokens_since_fired >= dead_tokens,
-                              sparsity_coef=r.sae.cfg.l1_coefficient * sparsity_factor,
+                              sparsity_coef=r.sae.cfg.resolved_l1_coefficient * sparsity_factor,
                               auxk_alpha=train_cfg.auxk_alpha, sparse=train_cfg.sparse_kernels)
             res = r.sae.training_loss(x, ctx)
             r.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +277,7 @@ def _log_step(path: Path, bar, step, tokens, logs, dead_tokens, loop_s):
         cfg = r.sae.cfg
         rec = {"step": step, "tokens": tokens, "sae": cfg.folder_name, "fvu": fvu(x, res.x_hat),
                "l0": float(res.l0), "dead_fraction": float((r.tokens_since_fired >= dead_tokens).double().mean()),
-               "loss": float(res.loss), **{k: float(v) for k, v in res.terms.items()},
+               "loss": float(res.loss.detach()), **{k: float(v) for k, v in res.terms.items()},
                "lr": r.optimizer.param_groups[0]["lr"]}
         lines.append(json.dumps(rec))
         tag = f"L{cfg.layer}" if cfg.layer is not None else cfg.folder_name

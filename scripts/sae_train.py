@@ -30,7 +30,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_training(run_config(args))
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+    except FileExistsError as e:
+        print(f"error: {e}\nadd --resume to continue that run, or choose another --out", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--expansion", "--expansion-factor", type=float, default=8.0, help="width / d_in when --width is not given (default 8)")
     add("--k", type=int, default=32, help="active latents per token for topk/batchtopk (default 32)")
     add("--l1-coefficient", type=float, help="sparsity weight for relu/gated/jumprelu")
-    add("--tokens", "--num-activations", type=int, default=2_000_000,
-        help="training tokens per SAE (default 2,000,000)")
+    add("--tokens", "--num-activations", type=int,
+        help="training tokens per SAE (default 500,000 on CPU, about 3 minutes for 3 SAEs on the demo "
+             "model with 2 cores; 50,000,000 on CUDA)")
     add("--num-epochs", type=int, default=1,
         help="PR #169 compatibility: multiplies --tokens (fresh tokens are streamed, not repeated)")
     add("--batch-size", type=int, default=4096, help="tokens per optimizer step (default 4096)")
@@ -71,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
              "model, corpus, hooks and token count")
     add("--cache-dir", help="activation cache root (default $NANOCHAT_ATLAS_CACHE/activations)")
     add("--cache-dtype", default="float16", choices=("float16", "float32"))
-    add("--eval-tokens", type=int, default=32_768,
-        help="val-split tokens for the spliced evaluation (ΔCE, KL); 0 skips it (default 32768)")
+    add("--eval-tokens", type=int,
+        help="val-split tokens for the spliced evaluation (ΔCE, KL); 0 skips it (default 16384 on CPU, "
+             "1048576 on CUDA)")
     add("--seed", type=int, default=0)
     add("--quiet", action="store_true", help="no progress bars or messages")
     add("--prepare-neuronpedia", action="store_true", help=argparse.SUPPRESS)
@@ -94,7 +99,7 @@ def run_config(args) -> RunConfig:
     hook = args.hook.removeprefix("hook_")
     return RunConfig(layers=layers, hook=_HOOK_ALIASES.get(hook, hook), architecture=args.arch,
                      width=args.width, expansion=args.expansion, k=args.k,
-                     l1_coefficient=args.l1_coefficient, tokens=args.tokens * args.num_epochs,
+                     l1_coefficient=args.l1_coefficient, tokens=args.tokens * args.num_epochs if args.tokens else None,
                      batch_size=args.batch_size, lr=args.lr, checkpoint=args.checkpoint,
                      data=args.data, out=args.out, resume=args.resume, device=args.device,
                      seq_len=args.seq_len, buffer_tokens=args.buffer_tokens,

@@ -32,12 +32,11 @@ from urllib.parse import quote
 
 import jinja2
 
-from atlas.render import N_SHADES
 from atlas.site_data import layer_keys
 from atlas.tokens_display import visible_text, visible_token
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "site_templates"
-SAE_WEIGHT_FILES = ("sae_weights.safetensors", "sae.safetensors")
+N_SHADES = 8  # highlight classes a1..a8, as on the atlas's pages (viz_macros.html styles them)
 # 256-colour backgrounds for shades 1..8: pale yellow to deep orange, like the atlas
 _ANSI_SHADES = (230, 229, 222, 221, 215, 214, 208, 202)
 
@@ -107,12 +106,13 @@ def show_prompt(args) -> int:
     runtime = SAERuntime(source.model, saes, labels=labels)
     with runtime, torch.inference_mode(), autocast(device):
         runtime.track(top_n=args.top_n, watch=[args.feature] if args.feature is not None else [])
-        source.model(torch.tensor([ids], device=device))
+        source.model(torch.tensor([ids], device=device), stop_after_layer=sae.cfg.layer)
     traced = runtime.token_features()
     focus = None
     if args.feature is not None:
         focus = runtime.watched(sae_id)[1][:, 0].tolist()
-    rows = token_rows(tokenizer, ids, traced, focus, n_prompt=len(ids), keys=keys,
+    # n_prompt=0: this view has no continuation, so no token is drawn as (dimmed) prompt
+    rows = token_rows(tokenizer, ids, traced, focus, n_prompt=0, keys=keys,
                       atlas_url=args.atlas_url, focus_feature=(sae_id, args.feature))
 
     style = Style.for_stream(sys.stdout, args.color)
@@ -126,9 +126,11 @@ def show_prompt(args) -> int:
     print()
     print(style.feature_table(rows))
     if args.html:
-        page = render_page("viz.html", title=f"{sae_id} · {args.prompt[:60]}", sae_id=sae_id,
-                           model=source.model_id, prompt=args.prompt, feature=args.feature,
-                           feature_label=labels.get(sae_id, {}).get(args.feature),
+        label = labels.get(sae_id, {}).get(args.feature)
+        page = render_page("viz.html", title=f"{sae_id} · {visible_text(args.prompt[:60])}",
+                           sae_id=sae_id, model=visible_text(source.model_id),
+                           prompt=visible_text(args.prompt), feature=args.feature,
+                           feature_label=visible_text(label) if label else None,
                            rows=rows, what=what)
         write_text(args.html, page)
         print(f"wrote {args.html}")
@@ -137,36 +139,37 @@ def show_prompt(args) -> int:
 
 def build_atlas_for_sae(args) -> int:
     """Mine one SAE into <out>/features.duckdb and render its site into <out>/site."""
-    from atlas.mine import mine_features
+    from atlas.mine import MineConfig, mine_features
     from atlas.render import render_site
+    from nanochat.common import autodetect_device
+    from nanochat.model_source import resolve_corpus, resolve_model
 
+    sae_dirs = find_sae_dirs(args.sae)
+    if len(sae_dirs) != 1:
+        raise ValueError(f"--sae_path must be one SAE folder; found {len(sae_dirs)} under {args.sae} "
+                         f"(python -m scripts.build_atlas handles several)")
+    device = autodetect_device(args.device)
+    source = resolve_model(args.checkpoint, device, quiet=args.quiet)
+    corpus = resolve_corpus(source, args.data)
+    # build_atlas's defaults: a quick pass on CPU, a thorough one on GPU
+    tokens = args.tokens or (10_000_000 if device.type == "cuda" else 250_000)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store_path = out / "features.duckdb"
-    kwargs = {"checkpoint": args.checkpoint, "data": args.data, "device": args.device,
-              "quiet": args.quiet}
-    if args.tokens is not None:
-        kwargs["tokens"] = args.tokens
-    mine_features([args.sae], store_path, **kwargs)
+    mine_features(sae_dirs, source, corpus, store_path, MineConfig(tokens=tokens), quiet=args.quiet)
     stats = render_site(store_path, out / "site", quiet=args.quiet)
-    print(f"wrote {store_path} and {out / 'site'}/index.html ({stats.get('pages', '?')} pages)")
+    print(f"wrote {store_path} and {out / 'site' / 'index.html'} "
+          f"({stats['feature_pages']} feature pages)")
     return 0
 
 
 # ----------------------------------------------------------------------------- shared pieces
 
 def find_sae_dirs(path) -> list[Path]:
-    """`path` itself if it is an SAE folder, else every SAE folder below it (sorted)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SAE path not found: {path}")
-    if _is_sae_dir(path):
-        return [path]
-    found = sorted(p.parent for p in path.rglob("cfg.json") if _is_sae_dir(p.parent))
-    if not found:
-        raise FileNotFoundError(f"no SAE folders (cfg.json + {' or '.join(SAE_WEIGHT_FILES)}) "
-                                f"under {path}")
-    return found
+    """`path` itself if it is an SAE folder, else every SAE folder below it (the miner's rule)."""
+    from atlas.mine import find_saes
+
+    return find_saes(path)
 
 
 def load_saes(path, device) -> dict:
@@ -377,10 +380,6 @@ def write_text(path, text: str) -> None:
 
 def terminal_width(default: int = 100) -> int:
     return shutil.get_terminal_size((default, 24)).columns
-
-
-def _is_sae_dir(d: Path) -> bool:
-    return (d / "cfg.json").is_file() and any((d / w).is_file() for w in SAE_WEIGHT_FILES)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from itertools import zip_longest
 
+from atlas.tokens_display import visible_text
 from scripts.sae_viz import (Style, TokenRow, feature_href, load_saes, read_store, render_page,
                              site_keys, terminal_width, token_rows, warn_model_mismatch,
                              write_text)
@@ -155,10 +156,10 @@ def steer_and_compare(args) -> int:
     if args.html:
         page = render_page(
             "steer.html", title=f"steer {target} f{args.feature}", sae_id=target,
-            feature=args.feature, feature_label=label,
+            feature=args.feature, feature_label=visible_text(label) if label else None,
             feature_href=feature_href(args.atlas_url, keys[target], args.feature),
-            intervention=what, model=f"{source.model_id} ({source.kind})", sampling=sampling,
-            prompt=args.prompt, scale=scale, runs=[plain, steered])
+            intervention=what, model=visible_text(f"{source.model_id} ({source.kind})"),
+            sampling=sampling, prompt=visible_text(args.prompt), scale=scale, runs=[plain, steered])
         write_text(args.html, page)
         print(f"\nwrote {args.html}")
     return 0
@@ -213,8 +214,6 @@ def tracked_saes(saes: dict, track_layers: str | None, target: str) -> list[str]
 
 def print_report(style: Style, args, target, label, what, sampling, model_id, plain: Run,
                  steered: Run) -> None:
-    from atlas.tokens_display import visible_text
-
     title = f"feature {args.feature} of {target}"
     print(style.bold(f"steering {visible_text(title)}") + (f" “{visible_text(label)}”" if label else ""))
     print(f"{what}; {sampling}; model {visible_text(model_id)}")

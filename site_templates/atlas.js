@@ -40,7 +40,7 @@
     val.className = "tv";
     val.textContent = "activation " + (v === null ? "0" : v) +
       (max > 0 && act !== 0 ? "  (" + Math.round(100 * act / max) + "% of max)" : "") +
-      (span.classList.contains("c") ? "  · sampled token" : "");
+      (span.classList.contains("c") ? "  · the example’s token" : "");
     tip.replaceChildren(t, val);
     var r = span.getBoundingClientRect();
     tip.style.display = "block";

@@ -79,7 +79,13 @@
       a.href = "features/" + r[col.feature] + ".html";
       a.textContent = r[col.feature];
       cell(tr, "c-f").appendChild(a);
-      cell(tr, "c-l", r[col.label]);
+      var label = cell(tr, "c-l", r[col.label]);
+      (r[col.flags] || []).forEach(function (fl) {
+        var b = document.createElement("span");
+        b.className = "flag flag-" + fl;
+        b.textContent = fl.replace(/_/g, " ");
+        label.appendChild(b);
+      });
       var toks = cell(tr, "c-t");
       r[col.tokens].forEach(function (t) {
         var c = document.createElement("code");

@@ -76,6 +76,7 @@ def make_store(
     n_bins: int = 5,
     per_bin: int = 3,
     n_hist_bins: int = 50,
+    n_neighbors: int = 5,
     seed: int = 0,
     meta: dict | None = None,
     gain_corrected: bool = True,
@@ -107,7 +108,7 @@ def make_store(
         for i, (sae_id, layer, hook) in enumerate(saes):
             _fill_sae(
                 con, rng, sae_id, layer, hook, n_features, n_vocab, token_stream, window,
-                n_top, n_bins, per_bin, n_hist_bins, gain_corrected and i == 0,
+                n_top, n_bins, per_bin, n_hist_bins, n_neighbors, gain_corrected and i == 0,
             )
         con.execute("COMMIT")
     finally:
@@ -134,7 +135,7 @@ def _default_meta(n_vocab: int, saes) -> dict:
 
 
 def _fill_sae(con, rng, sae_id, layer, hook, n_features, n_vocab, stream, window,
-              n_top, n_bins, per_bin, n_hist_bins, gain_corrected) -> None:
+              n_top, n_bins, per_bin, n_hist_bins, n_neighbors, gain_corrected) -> None:
     mine_tokens = 2_500_000
     dead = n_features - 1
     con.execute(
@@ -151,17 +152,25 @@ def _fill_sae(con, rng, sae_id, layer, hook, n_features, n_vocab, stream, window
     labels = [f"“{visible_token(_pick_word(rng))}” tokens" for _ in feats]
     labels[0] = HOSTILE_LABEL
     labels[dead] = None
+    density = count / mine_tokens
+    flags = [["dead"] if c == 0 else (["ultra_low_density"] if d < 1e-4 else []) for c, d in zip(count, density)]
+    flags[1] = ["weak_label", "bos_dominated"]
+    f1 = rng.uniform(0.2, 0.95, n_features)
     _insert(con, "features", {
         "sae_id": pa.array([sae_id] * n_features),
         "feature": pa.array(feats.astype(np.int32)),
-        "density": pa.array(count / mine_tokens),
+        "density": pa.array(density),
         "count": pa.array(count),
         "max_act": pa.array(max_act),
         "mean_act": pa.array(max_act * 0.3),
+        "min_act": pa.array(max_act * 0.01),
         "label": pa.array(labels, pa.string()),
         "label_rule": pa.array([None if f == dead else "max_act_token" for f in feats], pa.string()),
-        "label_f1": pa.array([None if f == dead else float(rng.uniform(0.2, 0.95)) for f in feats],
-                             pa.float64()),
+        "label_f1": pa.array([None if f == dead else float(f1[f]) for f in feats], pa.float64()),
+        "label_precision": pa.array([None if f == dead else float(min(1, f1[f] * 1.1)) for f in feats],
+                                    pa.float64()),
+        "label_recall": pa.array([None if f == dead else float(f1[f] * 0.9) for f in feats], pa.float64()),
+        "flags": pa.array(flags, pa.list_(pa.string())),
     })
 
     live = feats[feats != dead]
@@ -278,7 +287,7 @@ def _fill_sae(con, rng, sae_id, layer, hook, n_features, n_vocab, stream, window
     nb = {k: [] for k in ("feature", "kind", "rank", "other_feature", "value")}
     for f in feats:
         for kind in ("decoder_cos", "coactivation"):
-            others = rng.choice(feats[feats != f], min(5, n_features - 1), replace=False)
+            others = rng.choice(feats[feats != f], min(n_neighbors, n_features - 1), replace=False)
             values = np.sort(rng.uniform(0.05, 0.9, len(others)))[::-1]
             for r, (o, v) in enumerate(zip(others, values)):
                 nb["feature"].append(f)

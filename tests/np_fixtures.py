@@ -5,7 +5,8 @@ What a store from `build_store` holds, per SAE (default: layers 4 and 10, 40 fea
 - documents of a token stream, each starting with BOS; example windows of 32 tokens around an
   activating token, so some windows reach back over a BOS into the previous document;
 - 20 top examples and 5 interval bins × 6 examples per live feature (the exporter keeps 5 per
-  bin); one interval example of every live feature repeats its 3rd top example;
+  bin; both counts are parameters); one interval example of every live feature repeats its
+  3rd top example;
 - the last feature is dead: density 0, no examples, no activation histogram;
 - hostile strings in the vocabulary (NUL, '<script>', an RTL override, half a UTF-8 character,
   a literal backslash-u0000), shown in feature 0's examples, logits and label;
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from atlas import store
+from atlas import neuronpedia, store
 
 HOSTILE = [
     b"\x00",
@@ -49,13 +50,16 @@ def vocab(size: int = 300) -> list[bytes]:
     i = 0
     while len(out) < size:
         w = words[i % len(words)]
-        out.append(((" " if (i // len(words)) % 2 == 0 else "") + w + str(i // (2 * len(words)) or "")).encode())
+        space = " " if (i // len(words)) % 2 == 0 else ""
+        out.append((space + w + str(i // (2 * len(words)) or "")).encode())
         i += 1
     return out
 
 
 def build_store(path: str | Path, *, saes=SAES, n_features: int = 40, vocab_size: int = 300,
-                seed: int = 0, meta: dict | None = None) -> Path:
+                n_top: int = 20, per_bin: int = 6, seed: int = 0, meta: dict | None = None) -> Path:
+    """Write a store at `path`; `n_top` top examples and `per_bin` examples per interval bin
+    per live feature (n_top ≥ 3: one interval example repeats the 3rd top one)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     toks = vocab(vocab_size)
@@ -80,7 +84,7 @@ def build_store(path: str | Path, *, saes=SAES, n_features: int = 40, vocab_size
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
         for i, (sae_id, layer) in enumerate(saes):
             _fill_sae(con, rng, sae_id, layer, n_features, len(toks), stream, doc_of, pos_of,
-                      gain_corrected=(i == 0))
+                      n_top, per_bin, gain_corrected=(i == 0))
         con.execute("COMMIT")
     finally:
         con.close()
@@ -100,7 +104,7 @@ def _stream(rng, n_vocab: int):
 
 
 def _fill_sae(con, rng, sae_id, layer, n_features, n_vocab, stream, doc_of, pos_of,
-              gain_corrected) -> None:
+              n_top, per_bin, gain_corrected) -> None:
     dead = n_features - 1
     cfg = {"architecture": "topk", "d_in": 64, "d_sae": n_features, "k": 8,
            "hook_name": sae_id, "dtype": "float32"}
@@ -140,14 +144,14 @@ def _fill_sae(con, rng, sae_id, layer, n_features, n_vocab, stream, doc_of, pos_
         for b in range(5):
             for k, v in zip(bins, (f, b, edges[b], edges[b + 1], fracs[b])):
                 bins[k].append(v)
-        tops = np.sort(rng.uniform(0.7, 1.0, 20))[::-1] * max_act[f]
+        tops = np.sort(rng.uniform(0.7, 1.0, n_top))[::-1] * max_act[f]
         tops[0] = max_act[f]
-        spots = rng.choice(candidates, 20 + 5 * 6, replace=False)
-        plan = [("top", r + 1, None, tops[r], spots[r]) for r in range(20)]
-        plan += [("interval", r + 1, b, rng.uniform(edges[b], edges[b + 1]), spots[20 + 6 * b + r])
-                 for b in range(5) for r in range(6)]
+        spots = rng.choice(candidates, n_top + 5 * per_bin, replace=False)
+        plan = [("top", r + 1, None, tops[r], spots[r]) for r in range(n_top)]
+        plan += [("interval", r + 1, b, rng.uniform(edges[b], edges[b + 1]),
+                  spots[n_top + per_bin * b + r]) for b in range(5) for r in range(per_bin)]
         # the 1st example of the highest bin repeats the 3rd top example (same token)
-        plan[20 + 6 * 4] = ("interval", 1, 4, tops[2], spots[2])
+        plan[n_top + per_bin * 4] = ("interval", 1, 4, tops[2], spots[2])
         for kind, rank, b, act, spot in plan:
             center = int(rng.integers(WINDOW // 2, WINDOW))
             start = spot - center
@@ -224,8 +228,9 @@ def _fill_sae(con, rng, sae_id, layer, n_features, n_vocab, stream, doc_of, pos_
 
     nb = {k: [] for k in ("feature", "kind", "rank", "other_feature", "value")}
     for f in feats:
-        others = rng.choice(feats[feats != f], 10, replace=False)
-        cos = np.sort(rng.uniform(0.1, 0.9, 10))[::-1]
+        n_cos = min(10, n_features - 2)
+        others = rng.choice(feats[feats != f], n_cos, replace=False)
+        cos = np.sort(rng.uniform(0.1, 0.9, n_cos))[::-1]
         # co-activation partners: two of the cosine neighbours, then one that is not
         partners = [others[0], others[1], next(o for o in feats if o != f and o not in others)]
         for kind, lst, vals in (("decoder_cos", others, cos),
@@ -262,8 +267,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: list, raw_lines: dict[int, str] | None = None) -> None:
-    """Rewrite a (gzipped) JSONL file; `raw_lines` replaces 0-based lines with raw text."""
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    """Rewrite a (gzipped) JSONL file the way the exporter writes it (rows holding NaN or Inf
+    as Python's json writes them); `raw_lines` replaces 0-based lines with raw text."""
+    lines = []
+    for r in rows:
+        try:
+            lines.append(neuronpedia.dumps(r))
+        except ValueError:
+            lines.append(json.dumps(r, ensure_ascii=False))
     for i, text in (raw_lines or {}).items():
         lines[i] = text
     data = ("\n".join(lines) + "\n").encode("utf-8")

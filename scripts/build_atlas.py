@@ -1,0 +1,76 @@
+"""
+Build the whole feature atlas: SAEs, DuckDB feature store, static site, Neuronpedia export.
+
+    python -m scripts.build_atlas --layers 4,10,16
+    python -m scripts.build_atlas --checkpoint ~/.cache/nanochat/base_checkpoints/d20 --layers 5,10,15
+    python -m scripts.build_atlas --data my_corpus.jsonl --arch topk --k 64 --train-tokens 5000000
+
+Without --checkpoint it uses the latest base model under $NANOCHAT_BASE_DIR, and without one
+of those the embedded demo model (built once, ~5 minutes on 2 CPU cores, then cached).
+A rerun skips finished stages whose inputs did not change; --force rebuilds them.
+"""
+
+import argparse
+import sys
+
+from atlas.pipeline import AtlasConfig, build_atlas
+from sae.config import ARCHITECTURES
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers expects comma-separated integers, got {text!r}")
+
+
+def _dashed(arg: str) -> str:
+    """--mine_tokens=5 -> --mine-tokens=5 (the value keeps its underscores)."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
+
+
+def main(argv=None):
+    argv = [_dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
+    ap = argparse.ArgumentParser(prog="python -m scripts.build_atlas",
+                                 description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", "--layer", type=parse_layers, default=None,
+                    help="comma-separated layer ids (default: n/4, n/2, 3n/4)")
+    ap.add_argument("--out", default="atlas_out", help="the static site (default atlas_out)")
+    ap.add_argument("--work", default=None,
+                    help="SAEs, feature store, exports (default <out>_work)")
+    ap.add_argument("--checkpoint", default=None, help="nanochat checkpoint dir or model_<step>.pt")
+    ap.add_argument("--data", default=None,
+                    help="corpus (.parquet/.txt/.jsonl file or dir); its last part is held out for mining")
+    ap.add_argument("--hook", default="resid_post", help="hook kind (default resid_post)")
+    ap.add_argument("--arch", default="batchtopk", choices=ARCHITECTURES)
+    ap.add_argument("--width", type=int, default=None, help="latents per SAE (default 8 x d_model)")
+    ap.add_argument("--expansion", type=float, default=8.0)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--train-tokens", type=int, default=None,
+                    help="SAE training tokens (default 1M on CPU, 50M on GPU)")
+    ap.add_argument("--mine-tokens", type=int, default=None,
+                    help="held-out tokens to mine (default 250k on CPU, 10M on GPU)")
+    ap.add_argument("--model-id", default=None, help="Neuronpedia model id (default from the checkpoint)")
+    ap.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    ap.add_argument("--force", action="store_true", help="rebuild every stage")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = AtlasConfig(layers=args.layers, out=args.out, work=args.work, checkpoint=args.checkpoint,
+                      data=args.data, hook=args.hook, arch=args.arch, width=args.width,
+                      expansion=args.expansion, k=args.k, train_tokens=args.train_tokens,
+                      mine_tokens=args.mine_tokens, device=args.device, model_id=args.model_id,
+                      force=args.force, quiet=args.quiet)
+    try:
+        build_atlas(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
