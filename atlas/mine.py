@@ -28,8 +28,9 @@ Notable choices:
 - Resumable: every `chunk_tokens` the whole state (statistics + stream position) is saved to
   `<store>.mine-state/state.pt` atomically; a rerun with the same inputs (fingerprint of SAE
   weights, model file, corpus files and settings) resumes there and ends with the same store as
-  an uninterrupted run, because batches are formed the same way after the resume point. A store
-  whose meta already holds this fingerprint is left alone.
+  an uninterrupted run, because batches are formed the same way after the resume point. The
+  state is removed once the store is written; a store whose meta already holds this fingerprint
+  is left alone.
 - Coactivation neighbours rank other latents by the Jaccard index of their firing sets over the
   whole pass, from exact d_sae x d_sae int32 counts; above `coactivation_max_features` latents
   (1 GiB at 16k) they are skipped and the meta says so.
@@ -70,7 +71,7 @@ from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, load_sae
 
 STATE_VERSION = 1
 PER_SAE_TABLES = ("saes", "features", "examples", "interval_bins", "logit_effects", "histograms",
-                  "neighbors", "token_features")
+                  "neighbors", "token_features", "position_profile", "lineage")
 ULTRA_LOW_DENSITY = 1e-5
 DENSE_DENSITY = 0.1
 
@@ -81,7 +82,7 @@ class MineConfig:
     split: str = "val"              # which split of the corpus ('val' = held out)
     seq_len: int | None = None      # window length; None: the SAEs' context_size, else the model's
     batch_tokens: int = 16_384      # tokens per forward (padded windows x seq_len)
-    chunk_tokens: int = 1_000_000   # tokens between resumable state saves
+    chunk_tokens: int = 2_000_000   # tokens between resumable state saves
     top_k: int = 20                 # top examples per latent
     n_bins: int = 5                 # interval (quantile) bins
     per_bin: int = 5                # examples per interval bin
@@ -93,6 +94,7 @@ class MineConfig:
     logit_hist_bins: int = 50       # logit-effect histogram bins
     n_logits: int = 10              # top positive / negative logit tokens
     n_neighbors: int = 10           # neighbours per latent and kind
+    n_lineage: int = 3              # nearest features in each adjacent layer's SAE
     token_top: int = 10             # features kept per vocabulary token (token_features)
     label_negatives: int = 1024     # random positions sampled as label-scoring negatives
     coactivation_max_features: int = 16_384
@@ -123,13 +125,17 @@ class MineConfig:
 
 
 def find_saes(sae_dir) -> list[Path]:
-    """SAE folders under sae_dir (itself, or any folder below holding cfg.json + weights)."""
+    """SAE folders under sae_dir (itself, or any folder below): SAELens folders (cfg.json +
+    sae_weights.safetensors); sparsify folders only where there are none (sae_train's
+    --export-sparsify writes sparsify copies of the same SAEs next to them). Hidden folders
+    (temporaries of atomic writes) are skipped."""
     root = Path(sae_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"SAE directory not found: {root}")
-    found = [p.parent for p in sorted(root.rglob(CFG_FILE))
-             if ((p.parent / WEIGHTS_FILE).exists() or (p.parent / SPARSIFY_WEIGHTS_FILE).exists())
-             and not any(part.startswith(".") for part in p.parent.relative_to(root).parts)]
+    folders = [p.parent for p in sorted(root.rglob(CFG_FILE))
+               if not any(part.startswith(".") for part in p.parent.relative_to(root).parts)]
+    found = [f for f in folders if (f / WEIGHTS_FILE).exists()] or \
+        [f for f in folders if (f / SPARSIFY_WEIGHTS_FILE).exists()]
     if not found:
         raise FileNotFoundError(f"no SAE folders ({CFG_FILE} + {WEIGHTS_FILE}) in {root}")
     return found
@@ -166,13 +172,16 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
     if resumed_from:
         _log(quiet, f"resuming from {state_dir}: {resumed_from:,} tokens already mined")
     t_pass = time.time()
-    if not run.done:
-        run.stream(model, tokenizer, corpus, state_dir, fingerprint, quiet)
+    run.stream(model, tokenizer, corpus, state_dir, fingerprint, quiet)
     if run.n_tokens == 0:
         raise ValueError(f"empty corpus: the {cfg.split!r} split of {corpus} has no tokens to mine")
     pass_seconds = time.time() - t_pass
     t_final = time.time()
-    tables = [_sae_tables(s, run, model, tokenizer, cfg) for s in saes]
+    vocab = L.Vocab(tokenizer.all_token_bytes(), tokenizer.get_bos_token_id(),
+                    run.token_counts.count.cpu().tolist())
+    lineage = _lineage(saes, cfg)
+    tables = [{**_sae_tables(s, run, model, tokenizer, vocab, cfg), "lineage": lineage[s.sae_id]}
+              for s in saes]
     meta = _meta(source, corpus, corpus_files, seq_len, run, cfg, fingerprint)
     _write_store(store_path, tables, _vocab_table(tokenizer), run.token_counts.count.cpu().numpy(),
                  meta, source)
@@ -304,7 +313,6 @@ class _Run:
         self.n_tokens = 0
         self.n_docs = 0
         self.last_window: tuple[int, int] | None = None  # (doc_id, pos0) of the last window done
-        self.done = False
 
     def stream(self, model, tokenizer, corpus, state_dir: Path, fingerprint: str, quiet: bool):
         cfg = self.cfg
@@ -319,6 +327,8 @@ class _Run:
         if self.last_window is not None:
             last = self.last_window
             windows = dropwhile(lambda w: (w.doc_id, w.pos0) <= last, windows)
+        if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
+            return
         bar = _progress(cfg.tokens, self.n_tokens, quiet)
         since_save = 0
         try:
@@ -330,13 +340,13 @@ class _Run:
                 since_save += n
                 if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
                     break
+                # token-counted chunks: an interrupted and an uninterrupted run save (and fold
+                # sparse tables) at the same points, so they end bit-identical
                 if since_save >= cfg.chunk_tokens:
                     self.save(state_dir, fingerprint)
                     since_save = 0
         finally:
             bar.close()
-        self.done = True
-        self.save(state_dir, fingerprint)
 
     @torch.inference_mode()
     def process(self, model, hooks: list[str], batch, budget: int | None) -> int:
@@ -351,7 +361,7 @@ class _Run:
             x = acts[s.hook].reshape(b.idx.numel(), -1)[b.flat].float()
             codes, rows, group, value = _encode(s.sae, x)
             self.stats[s.sae_id].update(
-                b.key, b.token, rows, group, value,
+                b.key, b.token, b.position, rows, group, value,
                 windows=lambda r, f, codes=codes: b.windows(r, f, codes),
                 active=lambda r, codes=codes: codes[r] > 0, codes=codes)
         self.n_tokens += b.n
@@ -359,8 +369,7 @@ class _Run:
         return b.n
 
     def save(self, state_dir: Path, fingerprint: str) -> None:
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "done": self.done,
-                 "n_tokens": self.n_tokens, "n_docs": self.n_docs, "last_window": self.last_window,
+        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "n_tokens": self.n_tokens, "n_docs": self.n_docs, "last_window": self.last_window,
                  "token_counts": self.token_counts.state_dict(),
                  "stats": {k: v.state_dict() for k, v in self.stats.items()}}
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +393,6 @@ class _Run:
             v.load_state_dict(state["stats"][k])
         self.n_tokens, self.n_docs = int(state["n_tokens"]), int(state["n_docs"])
         self.last_window = tuple(state["last_window"]) if state["last_window"] else None
-        self.done = bool(state["done"])
         return self.n_tokens
 
 
@@ -414,6 +422,7 @@ class _Batch:
     flat: torch.Tensor      # (N,) mined positions as flat indices into (B, T)
     key: torch.Tensor       # (N,) doc_id << 32 | token_pos
     token: torch.Tensor     # (N,) token ids
+    position: torch.Tensor  # (N,) position in the model's window (1..T-1)
     n: int
     last_doc: int
     before: int
@@ -433,7 +442,7 @@ class _Batch:
         grid[flat] = torch.arange(flat.numel())
         idx = batch.idx.to(device)
         return cls(idx, grid.view(B, T).to(device), flat.to(device), key.to(device),
-                   idx.reshape(-1)[flat.to(device)], flat.numel(),
+                   idx.reshape(-1)[flat.to(device)], t.to(device), flat.numel(),
                    int(doc.max()) if flat.numel() else -1, cfg.ctx_before, cfg.ctx_after)
 
     def windows(self, rows: torch.Tensor, feats: torch.Tensor | None, codes: torch.Tensor) -> dict:
@@ -462,7 +471,8 @@ def _progress(total, initial, quiet):
 
 # ----------------------------------------------------------------------------- tables
 
-def _sae_tables(s: _Sae, run: _Run, model, tokenizer, cfg: MineConfig) -> dict[str, pa.Table]:
+def _sae_tables(s: _Sae, run: _Run, model, tokenizer, vocab: L.Vocab,
+                cfg: MineConfig) -> dict[str, pa.Table]:
     st = run.stats[s.sae_id]
     d = s.sae.cfg.d_sae
     n_tokens = st.n_tokens
@@ -479,8 +489,9 @@ def _sae_tables(s: _Sae, run: _Run, model, tokenizer, cfg: MineConfig) -> dict[s
                                  s.sae_id),
         "neighbors": _with_sae(_neighbors(s, st, cfg), s.sae_id),
         "token_features": _with_sae(_token_features(st, run.token_counts, cfg), s.sae_id),
+        "position_profile": _with_sae(_position_profile(st), s.sae_id),
     }
-    label_cols = _labels(st, top, intervals, label_logits, tokenizer, run, cfg)
+    label_cols = _labels(st, top, intervals, label_logits, vocab, cfg)
     total = st.moments.sum.cpu().numpy()
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     density = count / max(n_tokens, 1)
@@ -726,11 +737,59 @@ def _token_features(st: SaeStats, token_counts: TokenCounts, cfg: MineConfig) ->
         "rank": pa.array((top["rank"] + 1).cpu().numpy().astype(np.int32))})
 
 
-def _labels(st: SaeStats, top: dict, intervals: dict, logit_tokens: np.ndarray, tokenizer,
-            run: _Run, cfg: MineConfig) -> dict:
+def _position_profile(st: SaeStats) -> pa.Table:
+    p = st.positions
+    count, total, tokens = p.count.cpu().long(), p.sum.cpu(), p.tokens.cpu()
+    feat, bucket = count.nonzero(as_tuple=True)
+    c = count[feat, bucket]
+    return pa.table({
+        "feature": pa.array(feat.numpy().astype(np.int32)),
+        "pos_lo": pa.array((1 << bucket).numpy().astype(np.int32)),
+        "pos_hi": pa.array((2 << bucket).numpy().astype(np.int32)),
+        "count": pa.array(c.numpy()),
+        "mean_act": pa.array((total[feat, bucket] / c).numpy().astype(np.float32)),
+        "density": pa.array((c / tokens[bucket]).numpy())})
+
+
+@torch.inference_mode()
+def _lineage(saes: list[_Sae], cfg: MineConfig) -> dict[str, pa.Table]:
+    """Per SAE, its features' nearest decoder directions in the SAEs of the nearest layer below
+    and above (same input width, so the same space): the links of cross-layer chains."""
+    empty = pa.table({"feature": pa.array([], pa.int32()), "other_sae_id": pa.array([], pa.string()),
+                      "rank": pa.array([], pa.int32()), "other_feature": pa.array([], pa.int32()),
+                      "value": pa.array([], pa.float64())})
+    out = {}
+    for a in saes:
+        if cfg.n_lineage <= 0:
+            out[a.sae_id] = _with_sae(empty, a.sae_id)
+            continue
+        layers = sorted({b.layer for b in saes if b.sae.cfg.d_in == a.sae.cfg.d_in and b.layer != a.layer})
+        near = [max((x for x in layers if x < a.layer), default=None),
+                min((x for x in layers if x > a.layer), default=None)]
+        parts = []
+        Wa = a.sae.W_dec.float()
+        Wa = Wa / Wa.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        for b in (b for b in saes if b.layer in near and b.sae.cfg.d_in == a.sae.cfg.d_in):
+            Wb = b.sae.W_dec.float().to(Wa.device)
+            Wb = Wb / Wb.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            k = min(cfg.n_lineage, Wb.shape[0])
+            step = max(1, (1 << 24) // Wb.shape[0])
+            for start in range(0, Wa.shape[0], step):
+                top = (Wa[start:start + step] @ Wb.t()).topk(k, dim=1)
+                n = top.values.shape[0]
+                parts.append(pa.table({
+                    "feature": pa.array(np.repeat(np.arange(start, start + n), k).astype(np.int32)),
+                    "other_sae_id": pa.array([b.sae_id] * (n * k), pa.string()),
+                    "rank": pa.array(np.tile(np.arange(1, k + 1), n).astype(np.int32)),
+                    "other_feature": pa.array(top.indices.reshape(-1).cpu().numpy().astype(np.int32)),
+                    "value": pa.array(top.values.reshape(-1).cpu().double().numpy())}))
+        out[a.sae_id] = _with_sae(pa.concat_tables(parts) if parts else empty, a.sae_id)
+    return out
+
+
+def _labels(st: SaeStats, top: dict, intervals: dict, logit_tokens: np.ndarray, vocab: L.Vocab,
+            cfg: MineConfig) -> dict:
     d = logit_tokens.shape[0]
-    vocab = L.Vocab(tokenizer.all_token_bytes(), tokenizer.get_bos_token_id(),
-                    run.token_counts.count.cpu().tolist())
     by_feature_top = _windows_by_feature(top)
     by_feature_pos = _windows_by_feature(intervals)
     rnd = st.random

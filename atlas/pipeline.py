@@ -51,6 +51,7 @@ class AtlasConfig:
     mine_tokens: int | None = None         # None: 250k on CPU, 10M on GPU
     device: str | None = None
     model_id: str | None = None            # Neuronpedia model id override
+    source_set: str | None = None          # Neuronpedia source-set name override
     force: bool = False
     quiet: bool = False
 
@@ -137,12 +138,13 @@ def build_atlas(cfg: AtlasConfig) -> dict:
     # -- export
     t0 = time.time()
     np_dir = work / "neuronpedia"
-    export_fp = _digest(mined["fingerprint"], cfg.model_id)
+    export_fp = _digest(mined["fingerprint"], cfg.model_id, cfg.source_set)
     if stages.outputs("export", export_fp) and np_dir.exists():
         say(f"== export: up to date ({np_dir})")
     else:
         say(f"== export: Neuronpedia layout -> {np_dir}")
-        export_neuronpedia(store_path, np_dir, model_id=cfg.model_id, quiet=cfg.quiet)
+        export_neuronpedia(store_path, np_dir, model_id=cfg.model_id, source_set=cfg.source_set,
+                           quiet=cfg.quiet)
         stages.finish("export", export_fp, [str(np_dir)])
     timings["export"] = time.time() - t0
 

@@ -137,7 +137,8 @@ def _render_sae(env, con, out: Path, site: dict, sae: site_data.SaeInfo, vocab: 
     notes = find_notes(notes_dir, sae.key, set(feats), quiet)
     layer = views.layer_view(sae, cols)
     layer_dir = out / "layers" / sae.key
-    (layer_dir / "features").mkdir(parents=True)
+    pages_dir = layer_dir / "features"
+    pages_dir.mkdir(parents=True)
     row_of = {f: i for i, f in enumerate(feats)}
     feature_ids = np.asarray(feats)
     max_acts = np.asarray([m or 0.0 for m in cols["max_act"]], dtype=np.float64)
@@ -151,8 +152,7 @@ def _render_sae(env, con, out: Path, site: dict, sae: site_data.SaeInfo, vocab: 
             page = views.feature_view(f, row_of[f], cols, labels, flags, tokens, examples, rows_html, detail,
                                       hists[f], vocab, row_of)
             page["note"] = note_html(notes[f].read_text(encoding="utf-8")) if f in notes else None
-            _write(layer_dir / "features" / f"{f}.html",
-                   template.render(root="../../../", site=site, layer=layer, **page))
+            _write(f"{pages_dir}/{f}.html", template.render(root="../../../", site=site, layer=layer, **page))
         bar.update(len(details))
     bar.close()
 
@@ -186,7 +186,7 @@ def _json(obj) -> str:
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path | str, text: str) -> None:
     with open(path, "wb") as f:
         f.write(text.encode("utf-8"))
 

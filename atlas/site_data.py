@@ -32,7 +32,7 @@ from atlas.tokens_display import visible_token
 
 _DEFAULT_HOOK = "hook_resid_post"
 _FEATURE_COLUMNS = ["feature", "density", "count", "max_act", "mean_act", "label", "label_rule", "label_f1"]
-_OPTIONAL_FEATURE_COLUMNS = ["min_act", "label_precision", "label_recall", "flags"]
+_OPTIONAL_FEATURE_COLUMNS = ["label_precision", "label_recall", "flags"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def read_vocab(con: duckdb.DuckDBPyConnection) -> list[str]:
 def read_features(con: duckdb.DuckDBPyConnection, sae_id: str) -> dict[str, list]:
     """The whole `features` table of one SAE as columns, ordered by feature.
 
-    Columns added in schema version 2 (min_act, label_precision, label_recall, flags) are read
+    Columns added in schema version 2 (label_precision, label_recall, flags) are read
     when the store has them and are lists of None otherwise.
     """
     present = {r[0] for r in con.execute(
@@ -176,7 +176,8 @@ def iter_details(con: duckdb.DuckDBPyConnection, sae_id: str, features: list[int
         examples = Examples(
             feature=ex.column("feature").to_numpy(), kind=ex.column("kind").to_pylist(),
             bin=ex.column("bin").to_pylist(), act=ex.column("act").to_pylist(),
-            center=ex.column("center").fill_null(-1).to_numpy(), token_ids=ids, acts=acts, offsets=id_offsets,
+            center=_int_or(ex.column("center").to_numpy(zero_copy_only=False), -1), token_ids=ids, acts=acts,
+            offsets=id_offsets,
         )
         for f, i, j in _groups(examples.feature, details):
             details[f].rows = range(i, j)
@@ -214,6 +215,13 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> pa.Table:
     # DuckDB 1.x returns a Table here, 2.x a RecordBatchReader.
     result = con.sql(sql, params=params).arrow()
     return result.read_all() if hasattr(result, "read_all") else result
+
+
+def _int_or(values: np.ndarray, missing: int) -> np.ndarray:
+    """An integer column from Arrow (NULLs arrive as NaN floats) with NULL -> `missing`."""
+    if values.dtype.kind == "f":
+        values = np.where(np.isnan(values), missing, values)
+    return values.astype(np.int64)
 
 
 def _flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

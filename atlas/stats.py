@@ -25,6 +25,7 @@ that orders the corpus and identifies a token.
   that is cheaper.
 - `PairCounter`: exact count and sum per (row, col) pair, e.g. (token, latent) for the reverse
   index: a dense table when it fits a memory budget, else a sorted sparse table of the pairs seen.
+- `PositionProfile`: per-latent counts and sums by log2 bucket of the context position.
 - `TokenCounts`: corpus unigram counts.
 - `SaeStats`: all of the above for one SAE, fed from one batch's sparse codes.
 
@@ -189,36 +190,29 @@ class TopKSlots:
         bump.index_put_((row_c, ahead), torch.ones_like(ahead), accumulate=True)
         rank_h = torch.arange(k, device=dev) + bump.cumsum(1)[:, :k]
         in_h = (held_key != EMPTY_KEY) & (rank_h < k)
+        # rows are rebuilt by scatters along dim 1; entries that leave go to a dump column k
+        dest_h = torch.where(in_h, rank_h, k)
         # physical slots of evicted and empty entries are free; admitted candidates take the
-        # first ones in rank order, the rest stay behind the last entry
+        # first ones in rank order, the rest stay behind the row's last entry
         phys = self.phys[rows]
         free = ~in_h
-        free_at = free.long().cumsum(1) - 1
-        u = torch.arange(n_rows, device=dev)[:, None].expand(n_rows, k)
-        free_list = torch.empty_like(phys)
-        free_list[u[free], free_at[free]] = phys[free]
-        n_c = torch.bincount(row_c, minlength=n_rows)
-        nth_c = rank_c - ahead  # index among the row's admitted candidates
-        slot_c = free_list[row_c, nth_c]
-        new_order = torch.full_like(held_order, EMPTY_ORDER)
-        new_key = torch.full_like(held_key, EMPTY_KEY)
-        new_value = torch.zeros_like(self.value[rows])
-        new_phys = torch.empty_like(phys)
-        r_h = rank_h[in_h]
-        new_order[u[in_h], r_h] = held_order[in_h]
-        new_key[u[in_h], r_h] = held_key[in_h]
-        new_value[u[in_h], r_h] = self.value[rows][in_h]
-        new_phys[u[in_h], r_h] = phys[in_h]
+        free_list = _scatter_rows(phys, torch.where(free, free.long().cumsum(1) - 1, k), k)
+        n_c = torch.bincount(row_c, minlength=n_rows)[:, None]
+        slot_c = free_list[row_c, rank_c - ahead]  # rank_c - ahead: index among admitted
+        n_h = in_h.sum(1, keepdim=True)
+        i = torch.arange(k, device=dev)[None, :]
+        dest_rest = torch.where((i >= n_c) & (i < k - n_h), n_h + i, k)
+        new_phys = _scatter_rows(phys, dest_h, k)
+        new_phys.scatter_(1, dest_rest, free_list[:, :k])
+        new_order = _scatter_rows(held_order, dest_h, k, EMPTY_ORDER)
+        new_key = _scatter_rows(held_key, dest_h, k, EMPTY_KEY)
+        new_value = _scatter_rows(self.value[rows], dest_h, k, 0.0)
         new_order[row_c, rank_c] = order[cand]
         new_key[row_c, rank_c] = key[cand]
         new_value[row_c, rank_c] = value[cand].float()
         new_phys[row_c, rank_c] = slot_c
-        i = torch.arange(k, device=dev)[None, :]
-        n_used = in_h.sum(1, keepdim=True) + n_c[:, None]
-        rest = (i >= n_c[:, None]) & (i < (k - in_h.sum(1, keepdim=True)))
-        new_phys[u[rest], (n_used + i - n_c[:, None])[rest]] = free_list[rest]
-        self.order[rows], self.key[rows], self.value[rows], self.phys[rows] = (
-            new_order, new_key, new_value, new_phys)
+        self.order[rows], self.key[rows] = new_order[:, :k], new_key[:, :k]
+        self.value[rows], self.phys[rows] = new_value[:, :k], new_phys[:, :k]
         if self.spec:
             got = fetch(cand)
             for name in self.spec:
@@ -259,6 +253,15 @@ class TopKSlots:
             getattr(self, name).copy_(state[name])
         for n, t in self.payload.items():
             t.copy_(state[f"payload.{n}"])
+
+
+def _scatter_rows(src: torch.Tensor, dest: torch.Tensor, k: int, fill=None) -> torch.Tensor:
+    """out[u, dest[u, s]] = src[u, s] into rows of k + 1 columns (column k collects the
+    entries that leave); unfilled columns hold `fill` (uninitialised when None)."""
+    shape = (src.shape[0], k + 1)
+    out = torch.empty(shape, dtype=src.dtype, device=src.device) if fill is None else \
+        torch.full(shape, fill, dtype=src.dtype, device=src.device)
+    return out.scatter_(1, dest, src)
 
 
 def ranks_within(sorted_groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -530,6 +533,46 @@ class PairCounter:
             self._pending, self._pending_size = [], 0
 
 
+# ----------------------------------------------------------------------------- positions
+
+class PositionProfile:
+    """Per latent, count and activation sum by context position bucket: bucket b holds
+    positions [2^b, 2^(b+1)) of the model's window (BOS = 0 is never mined), plus the number of
+    mined tokens per bucket, so density by position = count / tokens."""
+
+    N_BUCKETS = 32
+
+    def __init__(self, n: int, device="cpu"):
+        self.count = torch.zeros((n, self.N_BUCKETS), dtype=torch.int32, device=device)
+        self.sum = torch.zeros((n, self.N_BUCKETS), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(self.N_BUCKETS, dtype=torch.int64, device=device)
+
+    @classmethod
+    def bucket(cls, position: torch.Tensor) -> torch.Tensor:
+        _, e = torch.frexp(position.clamp(min=1).double())  # position in [2^(e-1), 2^e)
+        return (e.long() - 1).clamp_(0, cls.N_BUCKETS - 1)
+
+    def update(self, group: torch.Tensor, bucket: torch.Tensor, value: torch.Tensor,
+               token_buckets: torch.Tensor) -> None:
+        """(group, bucket, value) per non-zero activation; token_buckets: every mined token's."""
+        flat = group * self.N_BUCKETS + bucket
+        self.count.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.int32, device=flat.device))
+        self.sum.view(-1).index_add_(0, flat, value.double())
+        self.tokens += torch.bincount(token_buckets, minlength=self.N_BUCKETS)
+
+    def merge(self, other: "PositionProfile") -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.tokens += other.tokens
+
+    def state_dict(self) -> dict:
+        return {"count": self.count.cpu(), "sum": self.sum.cpu(), "tokens": self.tokens.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("count", "sum", "tokens"):
+            getattr(self, name).copy_(state[name])
+
+
 # ----------------------------------------------------------------------------- token counts
 
 class TokenCounts:
@@ -558,8 +601,8 @@ class SaeStats:
     Everything mining keeps about one SAE, updated from each batch's sparse activations:
     moments, exact top-k with windows, a priority sample with windows (interval examples), the
     fine activation histogram (display bins and quantile edges), coactivation counts (optional),
-    the (token, latent) reverse index, and a priority sample of random positions with their
-    windows and active sets (negatives for label scoring).
+    the (token, latent) reverse index, the position profile, and a priority sample of random
+    positions with their windows and active sets (negatives for label scoring).
     """
 
     def __init__(self, d_sae: int, vocab_size: int, window: int, top_k: int, sample_k: int,
@@ -573,14 +616,16 @@ class SaeStats:
         self.hist = ActivationHistogram(d_sae, hist_bins, device)
         self.coact = CoactivationCounts(d_sae, device) if coactivation else None
         self.token_features = PairCounter(vocab_size, d_sae, device=device)
+        self.positions = PositionProfile(d_sae, device)
         self.random = TopKSlots(1, random_k, {"tokens": ((window,), torch.int32, -1),
                                               "active": ((d_sae,), torch.bool, False)}, device)
 
-    def update(self, key: torch.Tensor, token: torch.Tensor, rows: torch.Tensor,
-               group: torch.Tensor, value: torch.Tensor, windows: Callable, active: Callable,
-               codes: torch.Tensor | None = None) -> None:
+    def update(self, key: torch.Tensor, token: torch.Tensor, position: torch.Tensor,
+               rows: torch.Tensor, group: torch.Tensor, value: torch.Tensor, windows: Callable,
+               active: Callable, codes: torch.Tensor | None = None) -> None:
         """
-        key, token [N]: the batch's mined tokens. (rows, group, value): its non-zero activations,
+        key, token, position [N]: the batch's mined tokens (position: in the model's window).
+        (rows, group, value): its non-zero activations,
         grouped by row ascending. windows(rows, group) -> {"tokens", "acts"} [m, window] for
         those (token, latent) pairs; active(rows) -> [m, d_sae] bool. codes: dense [N, d_sae]
         (optional; lets coactivation use a GEMM when that is cheaper).
@@ -598,6 +643,8 @@ class SaeStats:
         if self.coact is not None:
             self.coact.update(rows, group, n, None if codes is None else codes > 0)
         self.token_features.update(token[rows], group, value)
+        buckets = PositionProfile.bucket(position)
+        self.positions.update(group, buckets[rows], value, buckets)
         zeros = torch.zeros_like(key)
         self.random.update(zeros, order_by_priority(key, -1, self.seed), key,
                            torch.zeros(n, dtype=torch.float32, device=key.device),
@@ -605,20 +652,20 @@ class SaeStats:
 
     def merge(self, other: "SaeStats") -> None:
         self.n_tokens += other.n_tokens
-        for name in ("moments", "top", "samples", "hist", "token_features", "random"):
+        for name in ("moments", "top", "samples", "hist", "token_features", "positions", "random"):
             getattr(self, name).merge(getattr(other, name))
         if self.coact is not None:
             self.coact.merge(other.coact)
 
     def state_dict(self) -> dict:
-        parts = ("moments", "top", "samples", "hist", "token_features", "random")
+        parts = ("moments", "top", "samples", "hist", "token_features", "positions", "random")
         d = {name: getattr(self, name).state_dict() for name in parts}
         d["coact"] = self.coact.state_dict() if self.coact is not None else None
         d["n_tokens"] = self.n_tokens
         return d
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("moments", "top", "samples", "hist", "token_features", "random"):
+        for name in ("moments", "top", "samples", "hist", "token_features", "positions", "random"):
             getattr(self, name).load_state_dict(state[name])
         if self.coact is not None:
             self.coact.load_state_dict(state["coact"])

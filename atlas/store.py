@@ -116,6 +116,23 @@ CREATE TABLE IF NOT EXISTS token_features (
     count BIGINT,
     mean_act REAL
 );
+CREATE TABLE IF NOT EXISTS position_profile (
+    sae_id VARCHAR,
+    feature INTEGER,
+    pos_lo INTEGER,            -- positions [pos_lo, pos_hi) in the model's window (BOS = 0)
+    pos_hi INTEGER,
+    count BIGINT,              -- activations of the feature at these positions
+    mean_act REAL,             -- their mean
+    density DOUBLE             -- count / mined tokens at these positions
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    sae_id VARCHAR,
+    feature INTEGER,
+    other_sae_id VARCHAR,      -- an SAE of the nearest layer above or below, same input width
+    rank INTEGER,              -- 1-based, by decoder cosine
+    other_feature INTEGER,
+    value DOUBLE               -- cosine of the two decoder directions
+);
 CREATE TABLE IF NOT EXISTS token_counts (
     token_id INTEGER PRIMARY KEY,
     count BIGINT               -- occurrences among the mined (non-BOS) tokens; absent = 0

@@ -1,9 +1,9 @@
 """
 Feature mining tokens/s against the work it cannot avoid, measured side by side in one run.
 
-    python -m bench.bench_mine [--checkpoint DIR] [--data PATH] [--tokens 65536] [--layers 1,3]
-                               [--d-sae 4096] [--k 32] [--arch topk] [--batch-tokens 8192]
-                               [--repeats 2] [--device cpu]
+    python -m bench.bench_mine [--checkpoint DIR] [--data PATH] [--tokens 262144] [--layers 1,3]
+                               [--d-sae 4096] [--k 32] [--arch topk|jumprelu] [--batch-tokens 8192]
+                               [--repeats 1] [--device cpu]
 
 Baseline: the same batches of the same held-out windows, one forward stopped after the deepest
 hooked block, then every SAE's encode (what any feature dashboard must compute). Mining: the
@@ -13,8 +13,10 @@ Overhead = baseline tokens/s / mining tokens/s - 1; the target is <= 15%. Runs a
 baseline and mining `--repeats` times and keep each one's best, so machine noise hits both.
 
 Model: --checkpoint, else the nanochat_d4 fixture (../shared/fixtures), else the demo model.
-SAEs: randomly initialised SAEs of the given shape (speed only; what they encode is irrelevant
-to the cost of bookkeeping, which depends on d_sae and the number of active latents).
+SAEs: randomly initialised SAEs of the given shape (speed only: the cost of bookkeeping depends on
+d_sae and the number of active latents, not on what they mean). JumpReLU thresholds (the
+inference form of the default BatchTopK SAEs) are set per latent from the first batch's
+pre-activations so that about k latents fire per token, as in a trained SAE.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--checkpoint")
     ap.add_argument("--data")
-    ap.add_argument("--tokens", type=int, default=65_536)
+    ap.add_argument("--tokens", type=int, default=262_144)
     ap.add_argument("--layers", default="1,3")
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--arch", default="topk", choices=("topk", "relu"))
+    ap.add_argument("--arch", default="topk", choices=("topk", "jumprelu"))
     ap.add_argument("--batch-tokens", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device")
     args = ap.parse_args()
 
@@ -57,7 +59,7 @@ def main():
     layers = [int(x) for x in args.layers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        saes = make_saes(source, layers, args, tmp / "saes")
+        saes = make_saes(source, corpus, layers, args, tmp / "saes")
         cfg = MineConfig(tokens=args.tokens, batch_tokens=args.batch_tokens, force=True)
         base, mine, final = [], [], []
         for r in range(args.repeats):
@@ -75,19 +77,29 @@ def main():
           f"{(b / m - 1) * 100:+.1f}% | {min(final):.1f}s |")
 
 
-def make_saes(source, layers, args, out: Path) -> list:
-    d = source.model.config.n_embd
+@torch.no_grad()
+def make_saes(source, corpus, layers, args, out: Path) -> list:
+    model, tok = source.model, source.tokenizer
+    d = model.config.n_embd
+    hooks = [hook_name(layer) for layer in layers]
+    windows = iter_windows(iter_documents(corpus, "val"), tok, model.config.sequence_len)
+    batch = next(iter_batches(windows, max(1, args.batch_tokens // model.config.sequence_len),
+                              tok.get_bos_token_id()))
+    flat = batch.valid.reshape(-1).nonzero().squeeze(1)
+    acts = run_with_capture(model, batch.idx.to(model.get_device()), hooks)
     saes = []
-    for layer in layers:
+    for layer, hook in zip(layers, hooks):
         cfg = SAEConfig(d_in=d, d_sae=args.d_sae, architecture=args.arch,
-                        k=args.k if args.arch == "topk" else None, hook_name=hook_name(layer),
-                        model_id=source.model_id, checkpoint=str(source.checkpoint_dir))
-        sae = build_sae(cfg, torch.Generator().manual_seed(layer))
-        if args.arch == "relu":  # a bias that leaves about k latents active per token
-            with torch.no_grad():
-                sae.b_enc.fill_(-2.0)
-        path = save_sae(sae, out / cfg.hook_name)
-        saes.append(load_sae(path, device=str(source.model.get_device())))
+                        k=args.k if args.arch == "topk" else None, hook_name=hook,
+                        model_id=source.model_id, checkpoint=str(source.checkpoint_dir),
+                        jumprelu_sparsity="step")
+        sae = build_sae(cfg, torch.Generator().manual_seed(layer)).to(model.get_device())
+        if args.arch == "jumprelu":  # per-latent threshold at its (1 - k/d_sae) quantile
+            pre = sae.pre_acts(acts[hook].reshape(batch.idx.numel(), -1)[flat.to(model.get_device())].float())
+            q = int((1 - args.k / args.d_sae) * (pre.shape[0] - 1))
+            sae.threshold.copy_(pre.sort(dim=0).values[q].clamp(min=0))
+        path = save_sae(sae.cpu(), out / cfg.hook_name)
+        saes.append(load_sae(path, device=str(model.get_device())))
     return saes
 
 

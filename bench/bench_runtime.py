@@ -2,22 +2,21 @@
 Generation tokens/s with SAEs attached through sae/runtime.py, against the bare model, in one run.
 
     python -m bench.bench_runtime [--tokens 48] [--prompt-len 32] [--repeats 3] [--skip-d20]
-                                  [--threads N]
+                                  [--threads N] [--clock wall|cpu]
 
 Variants, each a KV-cache generation (prefill + greedy decode) of --tokens tokens:
     none              the bare model
     track             one 8x TopK SAE (k=32) at the middle layer, top 8 features of every token
     track + steer     the same, plus a steering edit at that layer
-Models: the small model every command uses by default (nanochat.model_source: a nanochat
-checkpoint under $NANOCHAT_BASE_DIR, else the demo model; the d4 fixture if neither can be
-had) and a d20-shaped model (n_embd 1280, 20 layers, vocab 65536; random weights, speed only).
+Models: the demo model (20 layers x 128 wide, vocab 4096; a random model of that shape when
+the demo is not built yet) and a d20-shaped model (n_embd 1280, 20 layers, vocab 65536;
+random weights). Speed does not depend on the weights.
 Variants are interleaved within every repeat so that machine noise hits all alike; each
 variant's best repeat is kept, and the ratio to `none` is what to read.
 """
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,22 +26,29 @@ from sae.config import SAEConfig
 from sae.models import build_sae
 from sae.runtime import SAERuntime, steer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nanochat_d4"
 EXPANSION, K, TOP_N = 8, 32, 8
 
 
-def small_model():
-    """(name, model): the default model of the CLIs, else the d4 fixture."""
-    from nanochat.model_source import resolve_model
-    try:
-        source = resolve_model(None, "cpu", quiet=True)
-        return f"{source.model_id} ({source.kind})", source.model
-    except (ImportError, FileNotFoundError) as e:
-        if not FIXTURE.exists():
-            raise SystemExit(f"no small model: {e}; and no fixture at {FIXTURE}")
-        from nanochat.checkpoint_manager import load_model_from_dir
-        model, _, _ = load_model_from_dir(FIXTURE / "base_checkpoints" / "d4", "cpu")
-        return "fixture d4 (no demo model available)", model
+def demo_model():
+    """(name, model): the built demo model, else a random model of the demo's shape.
+
+    A benchmark does not start the demo's training (minutes on 2 idle cores); speed does not
+    depend on the weights, and the name says which one ran."""
+    from nanochat.checkpoint_manager import find_largest_model, load_model_from_dir
+    from nanochat.demo import check_demo, default_cache_dir, preset_config
+
+    config = preset_config()
+    path = default_cache_dir() / config.dirname()
+    if check_demo(path, config) is None:
+        checkpoints = path / "base_checkpoints"
+        model, _, _ = load_model_from_dir(checkpoints / find_largest_model(checkpoints), "cpu")
+        return "demo (trained)", model.eval()
+    cfg = GPTConfig(sequence_len=config.seq_len, vocab_size=config.vocab_size,
+                    n_layer=config.depth, n_head=config.heads, n_kv_head=config.heads,
+                    n_embd=config.n_embd)
+    model = GPT(cfg)
+    model.init_weights(seed=0)
+    return "demo-shaped (random; demo not built)", model.eval()
 
 
 def d20_model():
@@ -53,10 +59,13 @@ def d20_model():
     return "d20-shaped (random)", model.eval()
 
 
-def timed_generation(model, prompt, n_tokens) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_generation(model, prompt, n_tokens, clock) -> float:
+    t0 = clock()
     out = list(generate(model, prompt, n_tokens, temperature=0.0))
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     assert len(out) == n_tokens
     return n_tokens / elapsed
 
@@ -73,12 +82,12 @@ def bench(name, model, args) -> None:
     runtime = SAERuntime(model, [sae])
 
     def none():
-        return timed_generation(model, prompt, args.tokens)
+        return timed_generation(model, prompt, args.tokens, CLOCKS[args.clock])
 
     def track():
         runtime.track(top_n=TOP_N)
         try:
-            return timed_generation(model, prompt, args.tokens)
+            return timed_generation(model, prompt, args.tokens, CLOCKS[args.clock])
         finally:
             runtime.detach()
 
@@ -86,7 +95,7 @@ def bench(name, model, args) -> None:
         runtime.track(top_n=TOP_N)
         runtime.add(steer(hook, 1, 4.0))
         try:
-            return timed_generation(model, prompt, args.tokens)
+            return timed_generation(model, prompt, args.tokens, CLOCKS[args.clock])
         finally:
             runtime.detach()
 
@@ -109,15 +118,18 @@ def main():
     ap.add_argument("--skip-d20", "--skip_d20", dest="skip_d20", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine; "
+                         "use with --threads 1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; prompt "
-          f"{args.prompt_len} tokens, {args.tokens} generated (greedy, KV cache); "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.clock} clock; "
+          f"prompt {args.prompt_len} tokens, {args.tokens} generated (greedy, KV cache); "
           f"SAE {EXPANSION}x TopK k={K} at the middle layer, top {TOP_N} features per token")
     print("| model | variant | tokens/s | ratio to none | overhead |")
     print("|---|---|---|---|---|")
-    bench(*small_model(), args)  # may build the demo model (training): not in inference mode
+    bench(*demo_model(), args)
     if not args.skip_d20:
         bench(*d20_model(), args)
 

@@ -199,14 +199,15 @@ def ensure_demo_at(path, config: DemoConfig | None = None, quiet: bool = False,
         problem = check_demo(path, config)
         if problem is None and not force:
             return path
-        if path.exists() and not owned and not (path / MARKER).exists() and any(path.iterdir()):
+        if path.exists() and not owned and not (path / MARKER).exists() and \
+                (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path} exists and is not a demo build (no {MARKER}); "
                                   f"refusing to overwrite it")
         if path.exists():
             _say(quiet, f"demo model at {path}: {'--force given' if force else problem}; rebuilding")
         else:
-            _say(quiet, f"building the demo model into {path} (once; the default takes about "
-                        f"5 minutes on 2 CPU cores)")
+            _say(quiet, f"building the demo model into {path} (once; the default demo takes "
+                        f"about 5 minutes on 2 CPU cores)")
         build_dir = path.with_name(path.name + ".build")
         if force and build_dir.exists():
             shutil.rmtree(build_dir)
@@ -289,7 +290,6 @@ def build_demo(build_dir, config: DemoConfig, quiet: bool = False) -> dict:
     if "model" not in stages:
         stages["model"] = train_demo_model(build_dir, config, stages["corpus"], quiet)
         _write_json(state_path, state)
-    state_path.unlink()
     info = {
         "format": FORMAT_VERSION,
         "model_id": config.model_id,
@@ -302,6 +302,7 @@ def build_demo(build_dir, config: DemoConfig, quiet: bool = False) -> dict:
         "files": _file_manifest(build_dir),
     }
     _write_json(build_dir / MARKER, info)
+    state_path.unlink()
     _say(quiet, f"demo build finished in {time.time() - t_start:.0f} s (this session)")
     return info
 
@@ -518,7 +519,8 @@ def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig,
         bar.update(1)
         bar.set_postfix(loss=f"{smooth_loss:.3f}",
                         tok_s=f"{tokens_segment / max(now - t_segment, 1e-9):.0f}", refresh=False)
-        if now - t_last_save >= config.checkpoint_every_s and step < n_steps:
+        if now - t_last_save >= config.checkpoint_every_s or step == n_steps:
+            # the final save too: an interruption during evaluation does not cost the training
             _save_train_state(state_path, model, optimizer, step,
                               elapsed + now - t_segment, tokens_seen, smooth_loss)
             t_last_save = time.time()
@@ -639,7 +641,8 @@ def _core_count() -> int:
 
 
 def _file_manifest(base_dir: Path) -> dict:
-    files = sorted(p for p in base_dir.rglob("*") if p.is_file() and p.name != MARKER)
+    files = sorted(p for p in base_dir.rglob("*")
+                   if p.is_file() and p.name not in (MARKER, BUILD_STATE))
     return {p.relative_to(base_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in files}
 

@@ -11,12 +11,12 @@ from sae.config import ARCHITECTURES, SAEConfig, TrainConfig, layer_from_hook_na
 from sae.io import load_sae, load_sparsity, save_sae, save_sparsify
 from sae.metrics import SAEMetrics, batch_metrics, decoder_max_cosine, log_density_histogram
 from sae.models import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
-from sae.trainer import ThresholdCalibrator, geometric_median, train_sae, train_saes
+from sae.trainer import SAERun, ThresholdCalibrator, geometric_median, new_run, train_sae, train_saes, train_step
 
 __all__ = [
     "ARCHITECTURES", "SAEConfig", "TrainConfig", "layer_from_hook_name",
     "load_sae", "load_sparsity", "save_sae", "save_sparsify",
     "SAEMetrics", "batch_metrics", "decoder_max_cosine", "log_density_histogram",
     "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "build_sae",
-    "ThresholdCalibrator", "geometric_median", "train_sae", "train_saes",
+    "SAERun", "ThresholdCalibrator", "geometric_median", "new_run", "train_sae", "train_saes", "train_step",
 ]

@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nanochat.common import autocast, compute_dtype
 from nanochat.dataset import iter_batches, iter_documents, iter_windows, list_corpus_files
@@ -95,8 +96,10 @@ class ActivationStream:
     `tokens_served` counts the tokens yielded so far; `peak_buffer_tokens` the largest buffer held.
     """
 
-    def __init__(self, source, cfg: StreamConfig, buffer_tokens: int):
+    def __init__(self, source, cfg: StreamConfig, buffer_tokens: int,
+                 log: Callable[[str], None] | None = None):
         self.source = source
+        self.log = log if log is not None else _log_stderr
         self.cfg = cfg
         self.buffer_tokens = buffer_tokens
         self.d_in = dict(source.dims)
@@ -169,6 +172,8 @@ class ActivationStream:
                 "forward_windows": c.forward_windows, "source": self.source.fingerprint()}
 
     def _load_generation(self, index: int, start) -> None:
+        if self._gen is None:  # the first fill of this process: the wait before the first batch
+            self.log(f"filling the shuffle buffer with {self.buffer_tokens:,} tokens of activations")
         acts, n, end = self.source.read(start, self.buffer_tokens)
         gen = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, index))
         perm = torch.randperm(n, generator=gen).to(next(iter(acts.values())).device)
@@ -199,7 +204,7 @@ def corpus_stream(model, tokenizer, corpus, cfg: StreamConfig, device=None,
     bytes_per_token = sum(source.dims.values()) * _BYTES_PER_DTYPE[source.dtype]
     buffer_tokens = cfg.resolve_buffer_tokens(bytes_per_token)
     source.allocate(buffer_tokens)
-    return ActivationStream(source, cfg, buffer_tokens)
+    return ActivationStream(source, cfg, buffer_tokens, log=log)
 
 
 def cached_stream(cache: "ActivationCache", cfg: StreamConfig, device="cpu",
@@ -208,7 +213,7 @@ def cached_stream(cache: "ActivationCache", cfg: StreamConfig, device="cpu",
     source = CachedActivations(cache, cfg.hook_names, torch.device(device), log=log)
     bytes_per_token = sum(source.dims.values()) * 4
     buffer_tokens = min(cfg.resolve_buffer_tokens(bytes_per_token), cache.n_tokens)
-    return ActivationStream(source, cfg, buffer_tokens)
+    return ActivationStream(source, cfg, buffer_tokens, log=log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +456,6 @@ def build_cache(model, tokenizer, corpus, hook_names: list[str], n_tokens: int, 
                                     shape=(n_tokens,))
     source = CorpusActivations(model, tokenizer, corpus, missing, split=split, seq_len=seq_len,
                                forward_windows=forward_windows, device=device, log=log)
-    from tqdm import tqdm
     bar = tqdm(total=n_tokens, unit="tok", desc="caching activations",
                disable=quiet or not sys.stderr.isatty())
     n = 0

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nanochat.common import autocast
 from nanochat.dataset import iter_batches, iter_documents, iter_windows
@@ -79,7 +80,6 @@ def evaluate_saes(model, tokenizer, corpus, saes: Sequence, cfg: EvalConfig | No
     spliced = [_Sums() for _ in saes]
     zeroed = {h: _Sums() for h in hooks} if cfg.zero_ablation else {}
     n_valid = 0
-    from tqdm import tqdm
     bar = tqdm(total=cfg.n_tokens, unit="tok", desc="evaluate SAEs",
                disable=quiet or not sys.stderr.isatty())
     windows = iter_windows(iter_documents(corpus, cfg.split), tokenizer, seq_len)

@@ -116,22 +116,27 @@ def saelens_cfg_dict(cfg: SAEConfig) -> dict:
 
 
 def load_sae(path, device: str = "cpu") -> SAE:
-    """Load a SAELens folder (ours or third-party) or a sparsify folder as an inference-form SAE."""
-    path = Path(path)
+    """Load a SAELens folder (ours or third-party) or a sparsify folder as an inference-form SAE.
+
+    Parameters come back with requires_grad off (inference); call sae.requires_grad_() to tune it."""
+    return _load(Path(path)).requires_grad_(False).to(device)
+
+
+def _load(path: Path) -> SAE:
     if not path.is_dir():
         raise FileNotFoundError(f"load_sae: {path} is not a directory (expected a folder with {CFG_FILE})")
     raw = _read_json(path / CFG_FILE)
     if (path / SPARSIFY_WEIGHTS_FILE).exists() and not (path / WEIGHTS_FILE).exists():
-        return _load_sparsify(path, raw).to(device)
+        return _load_sparsify(path, raw)
     cfg = _cfg_from_saelens(raw, path / CFG_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)
     if raw.get("architecture") == "gated":
-        return _gated_to_jumprelu(cfg, tensors, path / WEIGHTS_FILE).to(device)
+        return _gated_to_jumprelu(cfg, tensors, path / WEIGHTS_FILE)
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()  # older SAELens JumpReLUs
     sae = build_sae(cfg)
     _load_exact(sae, tensors, _TENSORS[cfg.architecture], path / WEIGHTS_FILE)
-    return sae.to(device)
+    return sae
 
 
 def load_sparsity(path) -> torch.Tensor | None:

@@ -179,6 +179,12 @@ def _fired_from_codes(codes: torch.Tensor) -> torch.Tensor:
     return (codes > 0).any(dim=0)
 
 
+def _fired_from_selection(latents: torch.Tensor, active: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """[d_sae] bool: latents selected with a positive value (a scatter, so no host sync)."""
+    hits = torch.zeros(d_sae, device=latents.device).index_add_(0, latents.reshape(-1), active.reshape(-1).float())
+    return hits > 0
+
+
 def auxk_loss(sae: SAE, x_enc: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
     """AuxK (Gao et al.): reconstruct the detached residual from the top k_aux dead latents.
 
@@ -222,8 +228,7 @@ class TopKSAE(SAE):
         mse = _mse(x, x_hat)
         aux = auxk_loss(self, x_enc, (x - x_hat).detach(), ctx.dead) if ctx.auxk_alpha > 0 else mse.new_zeros(())
         active = values > 0
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[active]] = True
+        fired = _fired_from_selection(indices, active, self.cfg.d_sae)
         return StepOut(mse + ctx.auxk_alpha * aux, x_hat.detach(), fired, active.sum() / x.shape[0],
                        {"mse": mse.detach(), "auxk": aux.detach()})
 
@@ -258,20 +263,17 @@ class BatchTopKSAE(SAE):
         mse = _mse(x, x_hat)
         aux = auxk_loss(self, x_enc, (x - x_hat).detach(), ctx.dead) if ctx.auxk_alpha > 0 else mse.new_zeros(())
         active = values > 0
-        fired = torch.zeros(n, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
-        if bool(active.any()):
-            self._update_threshold(values.detach()[active].min())
+        fired = _fired_from_selection(cols, active, n)
+        self._update_threshold(values.detach().masked_fill(~active, float("inf")).min())
         return StepOut(mse + ctx.auxk_alpha * aux, x_hat.detach(), fired, active.sum() / B,
                        {"mse": mse.detach(), "auxk": aux.detach(), "threshold": self.threshold.clone()})
 
     @torch.no_grad()
     def _update_threshold(self, min_kept: torch.Tensor):
-        m = min_kept.to(torch.float64)
-        if self.threshold.item() == 0.0:
-            self.threshold.copy_(m)
-        else:
-            self.threshold.mul_(1 - self.threshold_ema_rate).add_(self.threshold_ema_rate * m)
+        """EMA of the smallest kept activation (inf when nothing was kept: no update); no host sync."""
+        m, theta, r = min_kept.to(torch.float64), self.threshold, self.threshold_ema_rate
+        new = torch.where(theta == 0, m, (1 - r) * theta + r * m)
+        self.threshold.copy_(torch.where(torch.isinf(m), theta, new))
 
     def _inference_params(self):
         theta = self.threshold.to(self.W_enc.dtype).expand(self.cfg.d_sae)

@@ -3,7 +3,7 @@ One SAE training run end to end, as a function: model + corpus → activation st
 SAELens folders → spliced evaluation on held-out text. `scripts/sae_train.py` is its CLI and
 `build_atlas` calls `run_training` directly.
 
-    result = run_training(RunConfig(layers=[4, 10, 16], tokens=2_000_000, out="atlas_out/saes"))
+    result = run_training(RunConfig(layers=[4, 10, 16], tokens=500_000, out="atlas_out/saes"))
     result.sae_dirs  # {hook_name: Path}, e.g. atlas_out/saes/blocks.10.hook_resid_post
 
 Notable choices:
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -66,7 +66,6 @@ class RunConfig:
     eval_tokens: int | None = None  # val-split tokens for the spliced evaluation (0: skip); None: 16k CPU, 1M CUDA
     seed: int = 0
     quiet: bool = False
-    train_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -208,13 +207,10 @@ def _sae_config(cfg: RunConfig, hook: str, d_in: int, source, corpus, seq_len: i
 def _train_config(cfg: RunConfig, tokens: int, device: torch.device) -> TrainConfig:
     defaults = TrainConfig()
     held_out = lambda default: min(default, max(cfg.batch_size, tokens // 8))  # noqa: E731
-    kwargs = dict(total_tokens=tokens, batch_size=cfg.batch_size, lr=cfg.lr, device=str(device),
-                  seed=cfg.seed, quiet=cfg.quiet,
-                  init_tokens=held_out(defaults.init_tokens),
-                  calibration_tokens=held_out(defaults.calibration_tokens),
-                  eval_tokens=held_out(defaults.eval_tokens))
-    kwargs.update(cfg.train_overrides)
-    return TrainConfig(**kwargs)
+    return TrainConfig(total_tokens=tokens, batch_size=cfg.batch_size, lr=cfg.lr, device=str(device),
+                       seed=cfg.seed, quiet=cfg.quiet, init_tokens=held_out(defaults.init_tokens),
+                       calibration_tokens=held_out(defaults.calibration_tokens),
+                       eval_tokens=held_out(defaults.eval_tokens))
 
 
 def _print_stderr(msg: str) -> None:

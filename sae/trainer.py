@@ -35,7 +35,7 @@ from tqdm import tqdm
 from sae.config import SAEConfig, TrainConfig
 from sae.io import atomic_write_bytes, save_sae, save_sparsify, torch_bytes
 from sae.metrics import SAEMetrics, decoder_max_cosine, fvu, log_density_histogram
-from sae.models import SAE, BatchTopKSAE, LossContext, build_sae
+from sae.models import SAE, BatchTopKSAE, LossContext, StepOut, build_sae
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -45,8 +45,8 @@ _RESUME_FREE = {"quiet", "log_every", "checkpoint_every", "device", "calibration
 
 
 @dataclass
-class _Run:
-    """One SAE's training state."""
+class SAERun:
+    """One SAE's training state (what train_step needs)."""
     sae: SAE
     optimizer: torch.optim.Adam
     lr: float
@@ -79,7 +79,7 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
         if resume:
             say(f"no checkpoint in {out}: starting a fresh run")
         it = iter(batches)
-        runs = [_new_run(cfg, train_cfg, device, gen) for cfg in cfgs]
+        runs = [new_run(cfg, train_cfg, device, gen) for cfg in cfgs]
         consumed = _init_from_data(runs, it, train_cfg, device)
         step, tokens, wall = 0, 0, 0.0
         _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
@@ -88,7 +88,6 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
     dead_tokens = train_cfg.resolve_dead_tokens()
     bar = tqdm(total=train_cfg.total_tokens, initial=min(tokens, train_cfg.total_tokens), unit="tok",
                unit_scale=True, disable=True if train_cfg.quiet else None, desc="train SAEs", dynamic_ncols=True)
-    t_loop = time.time()
     while tokens < train_cfg.total_tokens:
         try:
             batch = next(it)
@@ -100,25 +99,10 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
         B = xs[0].shape[0]
         if any(x.shape[0] != B for x in xs):
             raise ValueError(f"batch {consumed}: hooks yield different token counts {[x.shape[0] for x in xs]}")
-        lr_factor, sparsity_factor = train_cfg.lr_factor(tokens), train_cfg.sparsity_factor(tokens)
         logs = []
         for r, x in zip(runs, xs):
             x = x * r.sae.cfg.input_scale
-            for group in r.optimizer.param_groups:
-                group["lr"] = r.lr * lr_factor
-            ctx = LossContext(dead=r.tokens_since_fired >= dead_tokens,
-                              sparsity_coef=r.sae.cfg.resolved_l1_coefficient * sparsity_factor,
-                              auxk_alpha=train_cfg.auxk_alpha, sparse=train_cfg.sparse_kernels)
-            res = r.sae.training_loss(x, ctx)
-            r.optimizer.zero_grad(set_to_none=True)
-            res.loss.backward()
-            r.sae.project_decoder_grad()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(r.sae.parameters(), train_cfg.grad_clip)
-            r.optimizer.step()
-            r.sae.post_step()
-            r.tokens_since_fired += B
-            r.tokens_since_fired[res.fired] = 0
+            res = train_step(r, x, train_cfg, tokens, dead_tokens)
             if (step + 1) % train_cfg.log_every == 0:
                 logs.append((r, x, res))
         step += 1
@@ -129,7 +113,7 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
                 n = _resample_dead(r, x * r.sae.cfg.input_scale, dead_tokens, gen)
                 say(f"step {step}: resampled {n} dead latents of {r.sae.cfg.folder_name}")
         if logs:
-            _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens, time.time() - t_loop)
+            _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall + time.time() - t_start)
     bar.close()
@@ -167,17 +151,37 @@ class _AsDicts:
         raise AttributeError(name)
 
 
+def train_step(r: SAERun, x: torch.Tensor, train_cfg: TrainConfig, tokens_seen: int, dead_tokens: int) -> StepOut:
+    """One optimizer step of one SAE on a normalised batch x [B, d_in] (the trainer's inner loop)."""
+    for group in r.optimizer.param_groups:
+        group["lr"] = r.lr * train_cfg.lr_factor(tokens_seen)
+    ctx = LossContext(dead=r.tokens_since_fired >= dead_tokens,
+                      sparsity_coef=r.sae.cfg.resolved_l1_coefficient * train_cfg.sparsity_factor(tokens_seen),
+                      auxk_alpha=train_cfg.auxk_alpha, sparse=train_cfg.sparse_kernels)
+    res = r.sae.training_loss(x, ctx)
+    r.optimizer.zero_grad(set_to_none=True)
+    res.loss.backward()
+    r.sae.project_decoder_grad()
+    if train_cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.sae.parameters(), train_cfg.grad_clip)
+    r.optimizer.step()
+    r.sae.post_step()
+    r.tokens_since_fired += x.shape[0]
+    r.tokens_since_fired.masked_fill_(res.fired, 0)
+    return res
+
+
 # ---- init ----
 
-def _new_run(cfg: SAEConfig, train_cfg: TrainConfig, device, gen) -> _Run:
+def new_run(cfg: SAEConfig, train_cfg: TrainConfig, device, gen) -> SAERun:
     sae = build_sae(cfg, gen).to(device)
     lr = train_cfg.resolve_lr(cfg.d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=train_cfg.adam_betas, eps=train_cfg.adam_eps)
-    return _Run(sae, opt, lr, torch.zeros(cfg.d_sae, dtype=torch.int64, device=device), {})
+    return SAERun(sae, opt, lr, torch.zeros(cfg.d_sae, dtype=torch.int64, device=device), {})
 
 
 @torch.no_grad()
-def _init_from_data(runs: list[_Run], it, train_cfg: TrainConfig, device) -> int:
+def _init_from_data(runs: list[SAERun], it, train_cfg: TrainConfig, device) -> int:
     """Estimate input scale and b_dec from the first init_tokens of the stream; returns batches used."""
     need = max(1, train_cfg.init_tokens)
     chunks = {id(r): [] for r in runs}
@@ -239,7 +243,7 @@ def _hook_batch(batch: dict, hook_name: str, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _resample_dead(r: _Run, x: torch.Tensor, dead_tokens: int, gen: torch.Generator) -> int:
+def _resample_dead(r: SAERun, x: torch.Tensor, dead_tokens: int, gen: torch.Generator) -> int:
     """Anthropic (Towards Monosemanticity) resampling, with the current batch as the input pool.
 
     Dead latents get the direction of an input drawn ∝ its squared reconstruction loss (measured from
@@ -271,7 +275,7 @@ def _resample_dead(r: _Run, x: torch.Tensor, dead_tokens: int, gen: torch.Genera
     return idx.numel()
 
 
-def _log_step(path: Path, bar, step, tokens, logs, dead_tokens, loop_s):
+def _log_step(path: Path, bar, step, tokens, logs, dead_tokens):
     lines, post = [], []
     for r, x, res in logs:
         cfg = r.sae.cfg
@@ -311,7 +315,7 @@ def _save_checkpoint(path, runs, train_cfg, batches, gen, step, tokens, consumed
     atomic_write_bytes(path, torch_bytes(ckpt))
 
 
-def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[_Run]:
+def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[SAERun]:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
     saved_tc, now_tc = ckpt["train_cfg"], train_cfg.to_dict()
@@ -327,7 +331,7 @@ def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[_Run]:
         if a != b:
             diff = sorted(k for k in a if a[k] != b[k])
             raise ValueError(f"{path}: SAE {cfg.folder_name!r} config differs from the checkpoint in {diff}")
-        run = _new_run(saved_cfg, train_cfg, device, torch.Generator())  # weights are overwritten next
+        run = new_run(saved_cfg, train_cfg, device, torch.Generator())  # weights are overwritten next
         run.sae.load_state_dict(saved["state_dict"])
         run.optimizer.load_state_dict(saved["optimizer"])
         run.tokens_since_fired = saved["tokens_since_fired"].to(device)
@@ -455,7 +459,7 @@ def _evaluate(runs, it, train_cfg, device, say) -> list[SAEMetrics | None]:
     return accs
 
 
-def _export(r: _Run, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens) -> SAE:
+def _export(r: SAERun, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens) -> SAE:
     r.sae.cfg = replace(r.sae.cfg, train_tokens=tokens)
     sae = r.sae.export()
     training = {"steps": step, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": tokens / wall if wall > 0 else None,

@@ -55,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--mine-tokens", type=int, default=None,
                     help="held-out tokens to mine (default 250k on CPU, 10M on GPU)")
     ap.add_argument("--model-id", default=None, help="Neuronpedia model id (default from the checkpoint)")
+    ap.add_argument("--source-set", default=None,
+                    help="Neuronpedia source-set name (default e.g. atlas-res-1k)")
     ap.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
     ap.add_argument("--force", action="store_true", help="rebuild every stage")
     ap.add_argument("--quiet", action="store_true")
@@ -63,6 +65,7 @@ def main(argv=None):
                       data=args.data, hook=args.hook, arch=args.arch, width=args.width,
                       expansion=args.expansion, k=args.k, train_tokens=args.train_tokens,
                       mine_tokens=args.mine_tokens, device=args.device, model_id=args.model_id,
+                      source_set=args.source_set,
                       force=args.force, quiet=args.quiet)
     try:
         build_atlas(cfg)

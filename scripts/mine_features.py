@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ctx-before", type=int, default=d.ctx_before, help=f"window tokens before the activation (default {d.ctx_before})")
     add("--ctx-after", type=int, default=d.ctx_after, help=f"window tokens after it (default {d.ctx_after})")
     add("--n-neighbors", type=int, default=d.n_neighbors, help=f"neighbours per feature and kind (default {d.n_neighbors})")
+    add("--n-lineage", type=int, default=d.n_lineage,
+        help=f"nearest features in each adjacent layer's SAE (default {d.n_lineage})")
     add("--no-check-model", dest="check_model", action="store_false",
         help="mine even if an SAE records another model or checkpoint")
     add("--force", action="store_true", help="mine again even if the store is up to date")
@@ -87,7 +89,8 @@ def mine_config(args) -> MineConfig:
                       batch_tokens=args.batch_tokens, chunk_tokens=args.chunk_tokens,
                       top_k=args.top_k, n_bins=args.n_bins, per_bin=args.per_bin,
                       ctx_before=args.ctx_before, ctx_after=args.ctx_after,
-                      n_neighbors=args.n_neighbors, check_model=args.check_model,
+                      n_neighbors=args.n_neighbors, n_lineage=args.n_lineage,
+                      check_model=args.check_model,
                       seed=args.seed, force=args.force)
 
 

@@ -2,8 +2,8 @@
 Export the DuckDB feature store to Neuronpedia's bulk-import layout, plus the request bodies
 for its REST API and SAEDashboard-compatible batch files.
 
-    python -m scripts.neuronpedia_export --store atlas_out/features.duckdb \
-        --out atlas_out/neuronpedia_export
+    python -m scripts.neuronpedia_export --store atlas_out_work/features.duckdb \
+        --out atlas_out_work/np_export
     python -m scripts.neuronpedia_export --store features.duckdb --out np_export \
         --model-id nanochat-d20-sft --source-set myname-res-16k --url https://github.com/me/atlas
 

@@ -1,8 +1,8 @@
 """
 Upload an export to Neuronpedia through its REST API. A dry run unless --yes is given.
 
-    python -m scripts.neuronpedia_upload atlas_out/neuronpedia_export            # prints the plan
-    NEURONPEDIA_API_KEY=... python -m scripts.neuronpedia_upload atlas_out/neuronpedia_export --yes
+    python -m scripts.neuronpedia_upload atlas_out_work/np_export            # prints the plan
+    NEURONPEDIA_API_KEY=... python -m scripts.neuronpedia_upload atlas_out_work/np_export --yes
 
 The key is read from NEURONPEDIA_API_KEY only. A ledger (default
 ~/.cache/nanochat-atlas/neuronpedia_ledger.jsonl) records what the server accepted, so a rerun

@@ -3,7 +3,7 @@ Check a Neuronpedia export offline (every check of spec §B.6, plus the API payl
 manifest). Prints one line per problem, `severity: file:line: key: message`; exits 1 if any
 is an error.
 
-    python -m scripts.neuronpedia_validate atlas_out/neuronpedia_export
+    python -m scripts.neuronpedia_validate atlas_out_work/np_export
 """
 
 import argparse

@@ -58,13 +58,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 class Watch:
     """Everything that must not happen: console errors, page errors, failed or outside requests,
-    dialogs (alert)."""
+    dialogs (alert). A request cancelled because the test navigated on (net::ERR_ABORTED, e.g.
+    the favicon of a page left at once) is not a failure; a missing file is (ERR_FILE_NOT_FOUND,
+    or an HTTP error status)."""
 
     def __init__(self, page, base: str):
         self.problems = []
         page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
-        page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url} {r.failure}"))
+        page.on("requestfailed", lambda r: r.failure == "net::ERR_ABORTED"
+                or self.problems.append(f"failed: {r.url} {r.failure}"))
         page.on("response", lambda r: r.status >= 400 and self.problems.append(f"HTTP {r.status}: {r.url}"))
         page.on("request", lambda r: r.url.startswith((base, "data:")) or self.problems.append(f"outside: {r.url}"))
         page.on("dialog", lambda d: (self.problems.append(f"dialog: {d.message}"), d.dismiss()))

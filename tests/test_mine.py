@@ -310,6 +310,37 @@ def test_reverse_index_and_token_counts(mined, brute):
             assert [c for _, c in got] == expect and [r for r, _ in got] == list(range(1, len(got) + 1))
 
 
+def test_position_profile_and_lineage(mined, brute):
+    store, _ = mined
+    position = np.array([brute.where[k][1] for k in brute.keys])  # in the model's window
+    bucket = np.floor(np.log2(position)).astype(int)
+    tokens = np.bincount(bucket)
+    for sae_id, M in brute.codes.items():
+        rows = q(store, "SELECT feature, pos_lo, pos_hi, count, mean_act, density FROM position_profile "
+                        "WHERE sae_id = ?", [sae_id])
+        got = {(f, lo): (hi, c, mean, dens) for f, lo, hi, c, mean, dens in rows}
+        expect = {}
+        for f in range(M.shape[1]):
+            for b in np.unique(bucket[M[:, f] > 0]):
+                fired = M[(bucket == b) & (M[:, f] > 0), f]
+                expect[(f, 1 << b)] = (2 << b, len(fired), fired.mean(), len(fired) / tokens[b])
+        assert got.keys() == expect.keys()
+        for key, (hi, c, mean, dens) in expect.items():
+            assert got[key][:2] == (hi, c) and got[key][3] == dens
+            assert got[key][2] == pytest.approx(mean, rel=1e-5)
+    W = {k: s.W_dec.detach().numpy() for k, s in brute.saes.items()}
+    W = {k: w / np.linalg.norm(w, axis=1, keepdims=True) for k, w in W.items()}
+    for a, b in (("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+                 ("blocks.1.hook_resid_post", "blocks.0.hook_resid_post")):
+        cos = W[a] @ W[b].T
+        rows = q(store, "SELECT feature, rank, other_feature, value FROM lineage WHERE sae_id = ? "
+                        "AND other_sae_id = ? ORDER BY feature, rank", [a, b])
+        assert len(rows) == cos.shape[0] * CFG.n_lineage
+        for f, rank, other, value in rows:
+            assert other == np.argsort(-cos[f], kind="stable")[rank - 1]
+            assert value == pytest.approx(cos[f, other], abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- contents
 
 def test_vocab_meta_and_sae_rows(mined, tiny):

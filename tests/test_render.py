@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import re
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import duckdb

@@ -192,7 +192,7 @@ def test_sparsify_round_trip(apply_b_dec, tmp_path):
         save_sparsify(random_sae("relu"), tmp_path / "r")
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sae_lens_loads_our_folders(arch, tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (optional interop check)")
     ours = random_sae(arch).export()

@@ -9,6 +9,15 @@ from sae.models import LossContext
 from sae.sparse import (batch_topk_encode, dense_decode, dense_topk_encode, row_offsets, sparse_decode,
                         topk_encode)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These SAEs are tiny: a second thread only adds barrier waits, which stall badly on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 D_IN, N_FEAT, D_SAE, P_ACTIVE = 32, 48, 96, 2.5 / 48
 
 

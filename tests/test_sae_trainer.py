@@ -7,7 +7,17 @@ import torch
 
 from sae import SAEConfig, TrainConfig, ThresholdCalibrator, build_sae, geometric_median, load_sae, train_saes
 from sae.models import LossContext
-from sae.trainer import _new_run, _resample_dead
+from sae.trainer import _resample_dead, new_run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These SAEs are tiny: a second thread only adds barrier waits, which stall badly on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 D = 16
 HOOK_A, HOOK_B = "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
@@ -212,7 +222,7 @@ def test_geometric_median_is_robust():
 def test_resampling_reinitialises_dead_latents():
     cfg = SAEConfig(d_in=D, d_sae=32, architecture="topk", k=4)
     tc = TrainConfig(total_tokens=1024, batch_size=128)
-    run = _new_run(cfg, tc, "cpu", torch.Generator().manual_seed(0))
+    run = new_run(cfg, tc, "cpu", torch.Generator().manual_seed(0))
     x = make_batch(0)[HOOK_A]
     out = run.sae.training_loss(x, LossContext(None, 0.0, 0.0, True))
     out.loss.backward()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.stats import (ActivationHistogram, CoactivationCounts, FeatureMoments, PairCounter, SaeStats,
+from atlas.stats import (ActivationHistogram, CoactivationCounts, FeatureMoments, PairCounter, PositionProfile, SaeStats,
                          TopKSlots, order_by_priority, order_by_value, position_keys, splitmix64, split_keys)
 
 
@@ -212,6 +212,10 @@ def test_pair_counter_equals_brute_force_and_merges(dense_bytes):
             assert top["col"][top["row"] == row].tolist() == expect
 
 
+def test_position_buckets_are_log2_ranges():
+    assert PositionProfile.bucket(torch.tensor([1, 2, 3, 4, 7, 8, 1023, 1024])).tolist() == [0, 1, 1, 2, 2, 3, 9, 10]
+
+
 def test_sae_stats_merge_equals_one_pass_and_state_round_trips():
     d, window = 16, 5
     codes_batches = [sparse_codes(60, d, 5, seed) for seed in range(4)]
@@ -228,7 +232,7 @@ def test_sae_stats_merge_equals_one_pass_and_state_round_trips():
                 if f is not None:
                     out["acts"] = codes[r, f][:, None].repeat(1, window)
                 return out
-            stats.update(key, token, rows, group, codes[rows, group], windows,
+            stats.update(key, token, torch.arange(60) % 40 + 1, rows, group, codes[rows, group], windows,
                          lambda r, codes=codes: codes[r] > 0, codes)
 
     def new():
