@@ -87,9 +87,11 @@ class DemoConfig:
     tokens: int = 600_000          # training tokens (padding not counted); `steps` overrides
     steps: int | None = None
     batch_size: int = 8            # rows of seq_len tokens per step
-    lr: float = 0.006              # AdamW lr of the block matrices
+    # AdamW learning rates, from a sweep at depth 4 (bench/RESULTS_demo.md): the unembedding
+    # wants a much higher lr than the block matrices in a run this short
+    lr: float = 0.002              # block matrices
     embedding_lr: float = 0.1
-    unembedding_lr: float = 0.006
+    unembedding_lr: float = 0.03
     warmup_steps: int = 20
     warmdown_frac: float = 0.5     # the last half of the steps decays linearly to 0
     grad_clip: float = 1.0
@@ -102,7 +104,7 @@ class DemoConfig:
     train_shards: int = 4
     # runtime only (not part of the cache key)
     device: str | None = None      # None: CUDA, else MPS, else CPU
-    threads: int | None = None     # None: every core this process may use
+    threads: int | None = None     # None: all cores, or 1 while that is faster (see pick_threads)
     checkpoint_every_s: float = 60.0
 
     @property
@@ -388,9 +390,7 @@ def _write_shard(path: Path, docs: list[str]) -> None:
 def train_demo_model(base_dir: Path, config: DemoConfig, corpus: dict, quiet: bool = False) -> dict:
     """Train, evaluate and save the model into base_dir/base_checkpoints/<tag>/."""
     device = autodetect_device(config.device)
-    threads = config.threads or _core_count()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
         tokenizer = Tokenizer.from_directory(base_dir / "tokenizer")
         token_bytes = torch.load(base_dir / "tokenizer" / "token_bytes.pt", weights_only=True)
@@ -404,7 +404,7 @@ def train_demo_model(base_dir: Path, config: DemoConfig, corpus: dict, quiet: bo
                                  n_layer=config.depth, n_head=config.heads,
                                  n_kv_head=config.heads, n_embd=config.n_embd)
         model, stats = train_model(model_config, train_rows, config, device,
-                                   base_dir / TRAIN_STATE, threads, quiet)
+                                   base_dir / TRAIN_STATE, quiet)
         val_loss, val_bpb = evaluate(model, val_rows, token_bytes, config.batch_size, device)
         uni_loss, uni_bpb = unigram_baseline(train_rows, val_rows, token_bytes,
                                              model_config.vocab_size)
@@ -418,7 +418,7 @@ def train_demo_model(base_dir: Path, config: DemoConfig, corpus: dict, quiet: bo
         "step": stats["steps"],
         "val_bpb": stats["val_bpb"],
         "model_config": asdict(model_config),
-        "user_config": dict(config.identity(), device=str(device), threads=threads),
+        "user_config": dict(config.identity(), device=str(device), threads=stats["threads"]),
         "device_batch_size": config.batch_size,
         "max_seq_len": config.seq_len,
         # ours
@@ -461,12 +461,15 @@ def eval_rows(base_dir, tokenizer, config: DemoConfig) -> torch.Tensor:
 
 
 def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig, device,
-                state_path: Path, threads: int, quiet: bool = False):
+                state_path: Path, quiet: bool = False):
     """AdamW on BOS-aligned windows; saves its state to `state_path` every
-    `checkpoint_every_s` seconds and resumes from it. Returns (model, stats)."""
+    `checkpoint_every_s` seconds and resumes from it. Sets torch's thread count (the caller
+    restores it). Returns (model, stats)."""
     from tqdm import tqdm
 
     device = torch.device(device)
+    threads = set_threads(config.threads)
+    thread_steps: dict[int, int] = {}
     n_steps = config.num_steps()
     model = GPT(model_config)
     model.init_weights(seed=config.seed)
@@ -487,7 +490,8 @@ def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig,
     _say(quiet, f"training {config.model_id}: {config.depth} layers x {config.n_embd} wide, "
                 f"{config.heads} heads, vocab {model_config.vocab_size}, "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {n_steps} steps "
-                f"of {config.batch_size} x {config.seq_len} tokens on {device} ({threads} threads)")
+                f"of {config.batch_size} x {config.seq_len} tokens on {device} ({threads} "
+                f"thread{'s' if threads > 1 else ''}{'' if config.threads else ', rechecked every save'})")
     model.train()
     bar = tqdm(total=n_steps, initial=step, desc="demo model", unit="step",
                disable=quiet or None, dynamic_ncols=True)
@@ -507,6 +511,7 @@ def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        thread_steps[threads] = thread_steps.get(threads, 0) + 1
         n_tok = int((y >= 0).sum())
         tokens_seen += n_tok
         tokens_segment += n_tok
@@ -518,19 +523,23 @@ def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig,
         now = time.time()
         bar.update(1)
         bar.set_postfix(loss=f"{smooth_loss:.3f}",
-                        tok_s=f"{tokens_segment / max(now - t_segment, 1e-9):.0f}", refresh=False)
+                        tok_s=f"{tokens_segment / max(now - t_segment, 1e-9):.0f}",
+                        threads=threads, refresh=False)
         if now - t_last_save >= config.checkpoint_every_s or step == n_steps:
             # the final save too: an interruption during evaluation does not cost the training
             _save_train_state(state_path, model, optimizer, step,
                               elapsed + now - t_segment, tokens_seen, smooth_loss)
             t_last_save = time.time()
+            threads = set_threads(config.threads)  # the machine's load may have changed
     bar.close()
     elapsed += time.time() - t_segment
     model.eval()
     return model, {"steps": n_steps, "train_tokens": tokens_seen,
                    "train_seconds": round(elapsed, 1),
                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9)),
-                   "final_train_loss": round(smooth_loss, 4), "threads": threads,
+                   "final_train_loss": round(smooth_loss, 4),
+                   "threads": max(thread_steps, key=thread_steps.get, default=threads),
+                   "steps_per_thread_count": {str(k): v for k, v in sorted(thread_steps.items())},
                    "device": str(device)}
 
 
@@ -631,6 +640,36 @@ def _save_train_state(path: Path, model, optimizer, step, elapsed, tokens_seen, 
 
 def _n_targets(rows: torch.Tensor) -> int:
     return int((rows[:, 1:] >= 0).sum())
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU thread count: `threads`, or `pick_threads()` when None."""
+    threads = threads or pick_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pick_threads() -> int:
+    """All cores, unless one thread is faster right now. On a machine whose cores are busy
+    with other processes, a multi-threaded op waits at every barrier for its descheduled
+    threads: we measured 2 threads at 3.5x slower than 1 for this model on a loaded 2-core
+    box, against 1.7x faster when it is idle. A median of a few small matmul timings decides."""
+    cores = _core_count()
+    if cores == 1:
+        return 1
+    a, b = torch.randn(1024, 128), torch.randn(128, 512)  # the size of the model's own matmuls
+
+    def timed(n: int) -> float:
+        torch.set_num_threads(n)
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            runs.append(time.perf_counter() - t)
+        return sorted(runs)[len(runs) // 2]
+
+    return cores if timed(cores) < timed(1) else 1
 
 
 def _core_count() -> int:

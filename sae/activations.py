@@ -292,9 +292,8 @@ class CorpusActivations:
                 if full_pass and not seen:
                     raise ValueError(f"corpus {self.corpus} ({self.split} split) has no tokens "
                                      f"besides BOS: nothing to train on")
-                self.log(f"corpus {self.corpus} ({self.split} split) exhausted; starting pass "
-                         f"{position[0] + 2} over it")
                 position = [position[0] + 1, 0, 1]
+                _log_cycle(self.log, f"corpus {self.corpus} ({self.split} split)", position[0])
                 windows = self._windows_from(position)
                 full_pass, seen = True, False
                 continue
@@ -343,19 +342,25 @@ class CachedActivations:
         N = self.cache.n_tokens
         pieces, n = [], 0
         while n < min_tokens:
+            if offset == N:  # more is needed than the cache holds: cycle
+                cycle, offset = cycle + 1, 0
+                _log_cycle(self.log, f"activation cache {self.cache.path} ({N:,} tokens)", cycle)
             take = min(min_tokens - n, N - offset)
             pieces.append((offset, offset + take))
             n, offset = n + take, offset + take
-            if offset == N:
-                cycle, offset = cycle + 1, 0
-                self.log(f"activation cache {self.cache.path} exhausted ({N} tokens); "
-                             f"starting pass {cycle + 1} over it")
         acts = {}
         for name in self.hook_names:
             arr = self.cache.array(name)
-            acts[name] = torch.cat([torch.from_numpy(np.array(arr[a:b]))
-                                    for a, b in pieces]).to(self.device, torch.float32)
+            acts[name] = torch.cat([torch.from_numpy(np.array(arr[a:b])) for a, b in pieces]).to(
+                self.device, torch.float32)
         return acts, n, [cycle, offset]
+
+
+def _log_cycle(log: Callable[[str], None], what: str, cycle: int) -> None:
+    """Announce pass 2, then passes 4, 8, 16, ...: a tiny corpus must not flood the log."""
+    n_pass = cycle + 1
+    if n_pass & (n_pass - 1) == 0:
+        log(f"{what} exhausted; starting pass {n_pass} over it")
 
 
 def _log_stderr(msg: str) -> None:

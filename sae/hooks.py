@@ -135,12 +135,19 @@ def edit(model, name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
         handles.append(block.register_forward_pre_hook(
             lambda mod, args: saved.__setitem__("pre", args[0])))
         handles.append(block.attn.register_forward_hook(
-            lambda mod, args, out: fn(saved["pre"] + out) - saved["pre"]))
+            lambda mod, args, out: _edit_mid(fn, saved["pre"], out)))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _edit_mid(fn, pre, attn_out):
+    mid = pre + attn_out
+    new = fn(mid)
+    # an fn that returns its input unchanged must leave the model bit-identical
+    return attn_out if new is mid else new - pre
 
 
 def _store_arg(out, key):

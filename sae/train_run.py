@@ -180,7 +180,7 @@ def stream_token_budget(train_cfg: TrainConfig) -> int:
 
 
 def summary_lines(result: RunResult) -> list[str]:
-    lines = [f"wrote {len(result.sae_dirs)} SAE folder(s) under {result.out_dir}:"]
+    lines = ["results:"]
     for h, d in result.sae_dirs.items():
         e = result.evals.get(h)
         stats = (f"  FVU {e['fvu']:.3f}  L0 {e['l0']:.1f}  ΔCE {e['delta_ce']:+.4f} nats  "

@@ -1,9 +1,9 @@
 """
 Feature activations of a trained SAE over a prompt, or the atlas pages of one SAE.
 
-    python -m scripts.sae_viz --sae atlas_out/saes/blocks.2.hook_resid_post --prompt "def f(x):"
+    python -m scripts.sae_viz --sae atlas_out_work/saes/blocks.2.hook_resid_post --prompt "def f(x):"
     python -m scripts.sae_viz --sae DIR --prompt "..." --feature 123 --html viz.html \
-        --store atlas_out/features.duckdb --atlas-url atlas_out/site
+        --store atlas_out_work/features.duckdb --atlas-url atlas_out
     python -m scripts.sae_viz --sae_path DIR --all_features --out atlas_one    # the PR #169 form
 
 With --prompt: prints every token of [BOS] + prompt, shaded by the activation of --feature (or

@@ -1,12 +1,12 @@
 """
 Steer a nanochat model along one SAE feature and compare with the unsteered continuation.
 
-    python -m scripts.steer --sae-dir atlas_out/saes --prompt "def main():" --layer 2 \
+    python -m scripts.steer --sae-dir atlas_out_work/saes --prompt "def main():" --layer 2 \
         --feature 123 --strength 8
     python -m scripts.steer ... --clamp 5          # hold the feature at activation 5
     python -m scripts.steer ... --ablate           # remove the feature's contribution
-    python -m scripts.steer ... --store atlas_out/features.duckdb --html steer.html \
-        --atlas-url atlas_out/site
+    python -m scripts.steer ... --store atlas_out_work/features.duckdb --html steer.html \
+        --atlas-url atlas_out
 
 Both runs use the same seed and sampling settings, so they differ only through the edit.
 Prints the two continuations side by side, shaded by the steered feature's activation, and for
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.steer", description=__doc__.split("\n\n")[0])
     p.add_argument("--sae-dir", "--sae_dir", dest="sae_dir", required=True,
-                   help="an SAE folder, or a folder holding several (e.g. atlas_out/saes)")
+                   help="an SAE folder, or a folder holding several (e.g. atlas_out_work/saes)")
     p.add_argument("--prompt", required=True, help="text to continue (BOS is prepended)")
     p.add_argument("--layer", type=int, help="layer of the SAE to steer with "
                    "(optional when --sae-dir holds one SAE)")

@@ -193,8 +193,9 @@ def test_steer_on_the_fixture_checkpoint(tmp_path, capsys):
     base = FIXTURES / "nanochat_d4"
     if not base.is_dir():
         pytest.skip(f"fixture checkpoint not found: {base} (clone ../shared next to the repo)")
-    sae = build_sae(SAEConfig(d_in=256, d_sae=512, architecture="topk", k=16, hook_name="blocks.2.hook_resid_post"),
-                    torch.Generator().manual_seed(0))
+    cfg = SAEConfig(d_in=256, d_sae=512, architecture="topk", k=16,
+                    hook_name="blocks.2.hook_resid_post")
+    sae = build_sae(cfg, torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "saes" / "blocks.2.hook_resid_post")
     rc = steer.main(["--sae-dir", str(tmp_path / "saes"), "--checkpoint",
                      str(base / "base_checkpoints" / "d4"), "--prompt", "import os\n",
