@@ -315,7 +315,10 @@ class _Run:
         self.last_window: tuple[int, int] | None = None  # (doc_id, pos0) of the last window done
 
     def stream(self, model, tokenizer, corpus, state_dir: Path, fingerprint: str, quiet: bool):
+        """Mine from where the state stands to the token budget or the end of the split."""
         cfg = self.cfg
+        if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
+            return
         batch_windows = max(1, cfg.batch_tokens // self.seq_len)
         hooks = sorted({s.hook for s in self.saes})
         docs = iter_documents(corpus, cfg.split)
@@ -327,8 +330,6 @@ class _Run:
         if self.last_window is not None:
             last = self.last_window
             windows = dropwhile(lambda w: (w.doc_id, w.pos0) <= last, windows)
-        if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
-            return
         bar = _progress(cfg.tokens, self.n_tokens, quiet)
         since_save = 0
         try:
@@ -369,7 +370,8 @@ class _Run:
         return b.n
 
     def save(self, state_dir: Path, fingerprint: str) -> None:
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "n_tokens": self.n_tokens, "n_docs": self.n_docs, "last_window": self.last_window,
+        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "n_tokens": self.n_tokens,
+                 "n_docs": self.n_docs, "last_window": self.last_window,
                  "token_counts": self.token_counts.state_dict(),
                  "stats": {k: v.state_dict() for k, v in self.stats.items()}}
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -473,28 +475,32 @@ def _progress(total, initial, quiet):
 
 def _sae_tables(s: _Sae, run: _Run, model, tokenizer, vocab: L.Vocab,
                 cfg: MineConfig) -> dict[str, pa.Table]:
+    """Every per-SAE table of the store (lineage aside, which needs all SAEs)."""
     st = run.stats[s.sae_id]
-    d = s.sae.cfg.d_sae
-    n_tokens = st.n_tokens
-    count = st.moments.count.cpu().numpy()
     top = _slot_examples(st.top, "top", None, cfg)
     bins, intervals = _interval_examples(st, cfg)
     logits, logit_hist, label_logits = _logit_effects(s, model, tokenizer.get_vocab_size(), cfg)
+    histograms = pa.concat_tables([_activation_histograms(st, cfg.hist_bins), logit_hist])
     tables = {
         "saes": _saes_row(s, run, model),
-        "examples": _concat_examples([top, intervals], s.sae_id),
-        "interval_bins": _with_sae(bins, s.sae_id),
-        "logit_effects": _with_sae(logits, s.sae_id),
-        "histograms": _with_sae(pa.concat_tables([_activation_histograms(st, cfg.hist_bins), logit_hist]),
-                                 s.sae_id),
-        "neighbors": _with_sae(_neighbors(s, st, cfg), s.sae_id),
-        "token_features": _with_sae(_token_features(st, run.token_counts, cfg), s.sae_id),
-        "position_profile": _with_sae(_position_profile(st), s.sae_id),
+        "features": _feature_table(st, _labels(st, top, intervals, label_logits, vocab, cfg)),
+        "examples": _concat_examples([top, intervals]),
+        "interval_bins": bins,
+        "logit_effects": logits,
+        "histograms": histograms,
+        "neighbors": _neighbors(s, st, cfg),
+        "token_features": _token_features(st, run.token_counts, cfg),
+        "position_profile": _position_profile(st),
     }
-    label_cols = _labels(st, top, intervals, label_logits, vocab, cfg)
+    return {name: t if name == "saes" else _with_sae(t, s.sae_id) for name, t in tables.items()}
+
+
+def _feature_table(st: SaeStats, labels: dict) -> pa.Table:
+    count = st.moments.count.cpu().numpy()
+    d = len(count)
     total = st.moments.sum.cpu().numpy()
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    density = count / max(n_tokens, 1)
+    density = count / max(st.n_tokens, 1)
     flags = []
     for f in range(d):
         fl = ["dead"] if count[f] == 0 else []
@@ -502,22 +508,21 @@ def _sae_tables(s: _Sae, run: _Run, model, tokenizer, vocab: L.Vocab,
             fl.append("ultra_low_density")
         if density[f] > DENSE_DENSITY:
             fl.append("dense")
-        flags.append(fl + label_cols["flags"][f])
-    tables["features"] = _with_sae(pa.table({
+        flags.append(fl + labels["flags"][f])
+    return pa.table({
         "feature": pa.array(np.arange(d, dtype=np.int32)),
         "density": pa.array(density.astype(np.float64)),
         "count": pa.array(count.astype(np.int64)),
         "max_act": pa.array(st.moments.max.cpu().numpy().astype(np.float32)),
         "mean_act": pa.array(mean.astype(np.float32)),
         "min_act": pa.array(np.where(count > 0, st.moments.min.cpu().numpy(), 0.0).astype(np.float32)),
-        "label": pa.array(label_cols["label"], pa.string()),
-        "label_rule": pa.array(label_cols["rule"], pa.string()),
-        "label_f1": pa.array(label_cols["f1"], pa.float64()),
-        "label_precision": pa.array(label_cols["precision"], pa.float64()),
-        "label_recall": pa.array(label_cols["recall"], pa.float64()),
+        "label": pa.array(labels["label"], pa.string()),
+        "label_rule": pa.array(labels["rule"], pa.string()),
+        "label_f1": pa.array(labels["f1"], pa.float64()),
+        "label_precision": pa.array(labels["precision"], pa.float64()),
+        "label_recall": pa.array(labels["recall"], pa.float64()),
         "flags": pa.array(flags, pa.list_(pa.string())),
-    }), s.sae_id)
-    return tables
+    })
 
 
 def _slot_examples(slots, kind: str, bins, cfg: MineConfig, keep=None) -> dict:
@@ -577,7 +582,7 @@ def _interval_examples(st: SaeStats, cfg: MineConfig) -> tuple[pa.Table, dict]:
     return bins_table, ex
 
 
-def _concat_examples(parts: list[dict], sae_id: str) -> pa.Table:
+def _concat_examples(parts: list[dict]) -> pa.Table:
     tables = []
     for p in parts:
         n = len(p["feature"])
@@ -590,7 +595,7 @@ def _concat_examples(parts: list[dict], sae_id: str) -> pa.Table:
             "token_ids": _list_column(p["tokens"], p["inside"], pa.int32()),
             "acts": _list_column(p["acts"], p["inside"], pa.float32()),
             "center": pa.array(p["center"])}))
-    return _with_sae(pa.concat_tables(tables), sae_id)
+    return pa.concat_tables(tables)
 
 
 def _list_column(values: np.ndarray, mask: np.ndarray, typ) -> pa.Array:
@@ -645,9 +650,10 @@ def _logit_effects(s: _Sae, model, vocab_size: int, cfg: MineConfig):
             neg = Eg.topk(n, dim=1, largest=False)
             if kind == kinds[-1][0]:
                 label_tokens[start:start + E.shape[0]] = pos.indices.cpu().numpy()
+            ranks = torch.arange(1, n + 1).repeat(E.shape[0]).numpy()
             for vals, ids, sign in ((pos.values, pos.indices, 1), (neg.values, neg.indices, -1)):
                 rows["feature"].append(feats[:, None].expand_as(ids).reshape(-1).cpu().numpy())
-                rows["rank"].append((sign * torch.arange(1, n + 1, device=E.device)).repeat(E.shape[0]).cpu().numpy())
+                rows["rank"].append(sign * ranks)
                 rows["token_id"].append(ids.reshape(-1).cpu().numpy())
                 rows["value"].append(vals.reshape(-1).cpu().numpy())
                 rows["kind"] += [kind] * ids.numel()
@@ -691,14 +697,15 @@ def _neighbors(s: _Sae, st: SaeStats, cfg: MineConfig) -> pa.Table:
     count = count.double()
     for start in range(0, d, step):
         rows = torch.arange(start, min(d, start + step), device=W.device)
+        diag = (torch.arange(len(rows), device=W.device), rows)
         sim = W[rows] @ W.t()
-        sim[torch.arange(len(rows)), rows] = float("-inf")
+        sim[diag] = float("-inf")
         top = sim.topk(k, dim=1)
         parts.append(("decoder_cos", rows, top.values, top.indices, None))
         if coact is not None:
             c = coact[rows].double()
             jac = c / (count[rows][:, None] + count[None, :] - c).clamp(min=1)
-            jac[torch.arange(len(rows)), rows] = -1.0
+            jac[diag] = -1.0
             jac[c == 0] = -1.0
             top = jac.topk(k, dim=1)
             parts.append(("coactivation", rows, top.values, top.indices, top.values > 0))
@@ -748,7 +755,7 @@ def _position_profile(st: SaeStats) -> pa.Table:
         "pos_hi": pa.array((2 << bucket).numpy().astype(np.int32)),
         "count": pa.array(c.numpy()),
         "mean_act": pa.array((total[feat, bucket] / c).numpy().astype(np.float32)),
-        "density": pa.array((c / tokens[bucket]).numpy())})
+        "density": pa.array((c.double() / tokens[bucket].double()).numpy())})
 
 
 @torch.inference_mode()
@@ -796,7 +803,7 @@ def _labels(st: SaeStats, top: dict, intervals: dict, logit_tokens: np.ndarray, 
     r_filled = rnd.filled[0].cpu().numpy()
     r_tokens = rnd.ranked("tokens")[0].cpu().numpy()[r_filled]
     r_active = rnd.ranked("active")[0].cpu().numpy()[r_filled]
-    r_pos = split_keys(rnd.key[0][torch.from_numpy(r_filled)].cpu())[1].numpy()
+    r_pos = split_keys(rnd.key[0].cpu()[torch.from_numpy(r_filled)])[1].numpy()
     r_center = cfg.ctx_before - (r_tokens[:, :cfg.ctx_before] < 0).sum(1)
     negatives = [L.Window(t, c, p) for t, c, p in
                  zip(_token_lists(r_tokens), r_center.tolist(), r_pos.tolist())]

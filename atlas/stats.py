@@ -396,24 +396,32 @@ class CoactivationCounts:
             return
         # int32 pair indices when n² fits: half the memory traffic of the gathers
         dtype = torch.int32 if self.n * self.n < 2**31 else torch.int64
-        if int(per_row.min()) == m:  # every token has m active latents (TopK): no padding
-            padded = group.to(dtype).view(-1, m)
-        else:
-            starts = torch.cumsum(per_row, 0) - per_row
-            slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-            active_rows = per_row.nonzero().squeeze(1)
-            remap = torch.full_like(per_row, -1)
-            remap[active_rows] = torch.arange(active_rows.numel(), device=rows.device)
-            padded = torch.full((active_rows.numel(), m), -1, dtype=dtype, device=rows.device)
-            padded[remap[rows], slot] = group.to(dtype)
-        ii, jj = torch.triu_indices(m, m, offset=1, device=rows.device)
         flat = self.pairs.view(-1)
-        step = max(1, self.PAIR_CHUNK // ii.numel())
-        full = int(per_row.min()) == m
-        for s in range(0, padded.shape[0], step):
-            a, b = padded[s:s + step, ii], padded[s:s + step, jj]  # a < b: latents ascend in a row
-            idx = (a * self.n + b).view(-1) if full else (a * self.n + b)[b >= 0]
-            flat.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int32, device=idx.device))
+        if int(per_row.min()) == m:  # every token has m active latents (TopK): a fixed triangle
+            latents = group.to(dtype).view(-1, m)
+            ii, jj = torch.triu_indices(m, m, offset=1, device=rows.device)
+            step = max(1, self.PAIR_CHUNK // ii.numel())
+            for s in range(0, latents.shape[0], step):
+                a, b = latents[s:s + step, ii], latents[s:s + step, jj]  # a < b: latents ascend
+                _count(flat, (a * self.n + b).view(-1))
+            return
+        # variable active sets: entry e pairs with the entries after it in its row, which are
+        # contiguous (rows ascend), so no padding to the longest row is needed
+        starts = torch.cumsum(per_row, 0) - per_row
+        after = starts[rows] + per_row[rows] - 1 - torch.arange(rows.numel(), device=rows.device)
+        ends = torch.cumsum(after, 0)
+        e0 = 0
+        while e0 < rows.numel():  # chunks of entries with at most PAIR_CHUNK pairs
+            base = int(ends[e0 - 1]) if e0 else 0
+            e1 = max(e0 + 1, int(torch.searchsorted(ends, base + self.PAIR_CHUNK, right=True)))
+            e1 = min(e1, rows.numel())
+            n_after = after[e0:e1]
+            first = torch.repeat_interleave(torch.arange(e0, e1, device=rows.device), n_after)
+            offset = torch.arange(first.numel(), device=rows.device) - \
+                torch.repeat_interleave(torch.cumsum(n_after, 0) - n_after, n_after)
+            a, b = group[first].to(dtype), group[first + 1 + offset].to(dtype)
+            _count(flat, a * self.n + b)
+            e0 = e1
 
     def _update_dense(self, active: torch.Tensor) -> None:
         # 0/1 products summed in fp32 are exact integers below 2^24 per chunk
@@ -439,6 +447,10 @@ class CoactivationCounts:
     def load_state_dict(self, state: dict) -> None:
         self.pairs.copy_(state["pairs"])
         self.tokens = int(state["tokens"])
+
+
+def _count(flat: torch.Tensor, idx: torch.Tensor) -> None:
+    flat.index_add_(0, idx, torch.ones(idx.numel(), dtype=flat.dtype, device=idx.device))
 
 
 # ----------------------------------------------------------------------------- pair counter

@@ -84,7 +84,7 @@ def bench_one(acts: np.ndarray, arch: str, d_in: int, d_sae: int, args) -> dict:
     def step(mode):
         start = position[mode] % max(1, len(acts) - B)
         position[mode] += B
-        x = torch.from_numpy(np.ascontiguousarray(acts[start:start + B], dtype=np.float32)).to(args.device) * scale
+        x = torch.from_numpy(np.array(acts[start:start + B], dtype=np.float32)).to(args.device) * scale  # copy: the memmap is read-only
         train_step(runs[mode], x, cfgs[mode], position[mode], dead_tokens)
 
     for mode in ("dense", "sparse"):

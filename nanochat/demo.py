@@ -84,9 +84,10 @@ class DemoConfig:
     vocab_size: int = 4096
     seq_len: int = 256
     # training
-    tokens: int = 600_000          # training tokens (padding not counted); `steps` overrides
+    # ~300k tokens is what 2 CPU cores train in about 4.5 minutes (bench/RESULTS_demo.md)
+    tokens: int = 300_000          # steps = tokens / (batch_size x seq_len); `steps` overrides
     steps: int | None = None
-    batch_size: int = 8            # rows of seq_len tokens per step
+    batch_size: int = 4            # rows of seq_len tokens per step: more steps beat bigger ones here
     # AdamW learning rates, from a sweep at depth 4 (bench/RESULTS_demo.md): the unembedding
     # wants a much higher lr than the block matrices in a run this short
     lr: float = 0.002              # block matrices
@@ -96,7 +97,7 @@ class DemoConfig:
     warmdown_frac: float = 0.5     # the last half of the steps decays linearly to 0
     grad_clip: float = 1.0
     seed: int = 0
-    eval_tokens: int = 65_536      # val tokens for the loss and the unigram baseline
+    eval_tokens: int = 32_768      # val tokens for the loss and the unigram baseline
     # corpus
     data: str | None = None        # another corpus (.parquet/.txt/.jsonl file or dir); None: stdlib
     max_corpus_chars: int | None = None
@@ -130,8 +131,9 @@ class DemoConfig:
                              f"special tokens + at least one merge")
         if (self.steps is not None and self.steps < 1) or self.tokens < 1:
             raise ValueError(f"steps / tokens must be >= 1 (steps={self.steps}, tokens={self.tokens})")
-        if not 0 < self.val_fraction < 1 or self.train_shards < 1:
-            raise ValueError(f"val_fraction must be in (0, 1) and train_shards >= 1")
+        if not 0 < self.val_fraction < 1 or self.train_shards < 1 or not 0 <= self.warmdown_frac <= 1:
+            raise ValueError(f"val_fraction {self.val_fraction} must be in (0, 1), warmdown_frac "
+                             f"{self.warmdown_frac} in [0, 1], train_shards {self.train_shards} >= 1")
 
     def num_steps(self) -> int:
         return self.steps or max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
@@ -270,6 +272,8 @@ def build_demo(build_dir, config: DemoConfig, quiet: bool = False) -> dict:
     state = _read_json(state_path)
     if state is None or state.get("config") != config.identity():
         if build_dir.exists():
+            _say(quiet, f"discarding the partial build in {build_dir} (other settings, or too "
+                        f"little done to resume)")
             shutil.rmtree(build_dir)
         build_dir.mkdir(parents=True)
         state = {"config": config.identity(), "stages": {}}
@@ -405,7 +409,7 @@ def train_demo_model(base_dir: Path, config: DemoConfig, corpus: dict, quiet: bo
                                  n_kv_head=config.heads, n_embd=config.n_embd)
         model, stats = train_model(model_config, train_rows, config, device,
                                    base_dir / TRAIN_STATE, quiet)
-        val_loss, val_bpb = evaluate(model, val_rows, token_bytes, config.batch_size, device)
+        val_loss, val_bpb = evaluate(model, val_rows, token_bytes, 4 * config.batch_size, device)
         uni_loss, uni_bpb = unigram_baseline(train_rows, val_rows, token_bytes,
                                              model_config.vocab_size)
     finally:
@@ -488,13 +492,13 @@ def train_model(model_config: GPTConfig, rows: torch.Tensor, config: DemoConfig,
         _say(quiet, f"resuming training at step {step}/{n_steps} from {state_path}")
     batches = EpochSampler(len(rows), config.batch_size, config.seed)
     _say(quiet, f"training {config.model_id}: {config.depth} layers x {config.n_embd} wide, "
-                f"{config.heads} heads, vocab {model_config.vocab_size}, "
+                f"{config.heads} head{'s' if config.heads > 1 else ''}, vocab {model_config.vocab_size}, "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {n_steps} steps "
                 f"of {config.batch_size} x {config.seq_len} tokens on {device} ({threads} "
                 f"thread{'s' if threads > 1 else ''}{'' if config.threads else ', rechecked every save'})")
     model.train()
     bar = tqdm(total=n_steps, initial=step, desc="demo model", unit="step",
-               disable=quiet or None, dynamic_ncols=True)
+               disable=quiet or None)
     t_last_save = time.time()
     t_segment, tokens_segment = time.time(), 0
     while step < n_steps:

@@ -134,7 +134,7 @@ def _load(path: Path) -> SAE:
         return _gated_to_jumprelu(cfg, tensors, path / WEIGHTS_FILE)
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()  # older SAELens JumpReLUs
-    sae = build_sae(cfg)
+    sae = _blank(cfg)
     _load_exact(sae, tensors, _TENSORS[cfg.architecture], path / WEIGHTS_FILE)
     return sae
 
@@ -211,6 +211,11 @@ def torch_bytes(obj) -> bytes:
 
 
 # ---- helpers ----
+
+def _blank(cfg: SAEConfig) -> SAE:
+    """A model to load weights into; its own generator leaves the global RNG untouched."""
+    return build_sae(cfg, torch.Generator())
+
 
 def _read_json(f: Path) -> dict:
     if not f.exists():
@@ -294,7 +299,7 @@ def _load_exact(sae: SAE, tensors: dict, names: tuple, f: Path):
 
 
 def _gated_to_jumprelu(cfg: SAEConfig, tensors: dict, f: Path) -> SAE:
-    gated = build_sae(cfg)
+    gated = _blank(cfg)
     names = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
     renamed = {("b_enc" if k == "b_gate" else k): v for k, v in tensors.items()}
     missing = [n for n in names if n not in tensors]
@@ -321,7 +326,7 @@ def _load_sparsify(path: Path, raw: dict) -> SAE:
                     layer=ours.get("layer", layer_from_hook_name(hook_name)), model_id=ours.get("model_id", ""),
                     checkpoint=ours.get("checkpoint", ""), train_tokens=ours.get("train_tokens", 0),
                     name=ours.get("name", ""), apply_b_dec_to_input=True)
-    sae = build_sae(cfg)
+    sae = _blank(cfg)
     mapped = {"W_enc": tensors["encoder.weight"].t(), "b_enc": tensors["encoder.bias"],
               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
     _load_exact(sae, mapped, _TENSORS["topk"], path / SPARSIFY_WEIGHTS_FILE)

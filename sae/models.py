@@ -153,7 +153,7 @@ class SAE(nn.Module):
         W_enc, b_enc = W_enc * norms[None, :], b_enc * norms
         trained_as = self.cfg.architecture if self.inference_architecture != self.cfg.architecture else self.cfg.trained_as
         cfg = replace(self.cfg, architecture=self.inference_architecture, input_scale=1.0, trained_as=trained_as)
-        sae = build_sae(cfg)
+        sae = build_sae(cfg, torch.Generator())  # its init is overwritten; leave the global RNG alone
         tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
         if threshold is not None:
             tensors["threshold"] = threshold * norms
@@ -437,5 +437,5 @@ MODEL_CLASSES = {cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSA
 
 
 def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SAE:
-    """A freshly initialised SAE of cfg.architecture (fp32, CPU)."""
+    """A freshly initialised SAE of cfg.architecture (fp32, CPU); None draws from the global RNG."""
     return MODEL_CLASSES[cfg.architecture](cfg, generator)

@@ -318,8 +318,12 @@ def _save_checkpoint(path, runs, train_cfg, batches, gen, step, tokens, consumed
 def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[SAERun]:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
-    saved_tc, now_tc = ckpt["train_cfg"], train_cfg.to_dict()
-    changed = sorted(k for k in now_tc if k not in _RESUME_FREE and saved_tc.get(k) != now_tc[k])
+    try:
+        saved_tc = TrainConfig.from_dict(ckpt["train_cfg"]).to_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable train_cfg in the checkpoint ({e})") from e
+    now_tc = train_cfg.to_dict()
+    changed = sorted(k for k in now_tc if k not in _RESUME_FREE and saved_tc[k] != now_tc[k])
     if changed:
         raise ValueError(f"{path}: TrainConfig differs from the checkpoint in {changed}; resume needs the same settings")
     if len(ckpt["saes"]) != len(cfgs):

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(path, time.time() - t0)
+    print_summary(path, time.time() - t0, explicit_out=bool(args.out))
     return 0
 
 
@@ -111,7 +111,7 @@ def demo_config(args) -> DemoConfig:
 
 def print_settings(config: DemoConfig, out) -> None:
     print(f"base_train: {config.model_id}, {config.depth} layers x {config.n_embd} wide, "
-          f"{config.heads} heads, vocab {config.vocab_size}, seq_len {config.seq_len}")
+          f"{_plural(config.heads, 'head')}, vocab {config.vocab_size}, seq_len {config.seq_len}")
     print(f"  {config.num_steps()} steps x {config.batch_size} windows "
           f"(~{config.num_steps() * config.batch_size * config.seq_len:,} tokens); "
           f"lr {config.lr} (matrices), {config.embedding_lr} (embedding), "
@@ -121,17 +121,24 @@ def print_settings(config: DemoConfig, out) -> None:
           f"output: {out or f'$NANOCHAT_ATLAS_CACHE/demo/{config.dirname()}'}")
 
 
-def print_summary(path: Path, seconds: float) -> None:
+def print_summary(path: Path, seconds: float, explicit_out: bool) -> None:
     info = load_demo_info(path)
     t = info["training"]
     print(f"done in {seconds:.0f} s: {path}")
     print(f"  model: {path / 'base_checkpoints' / ('d' + str(info['config']['depth']))}")
     print(f"  trained {t['steps']} steps, {t['train_tokens']:,} tokens in {t['train_seconds']:.0f} s "
-          f"({t['tokens_per_s']:,} tokens/s on {t['device']}, {t['threads']} threads)")
+          f"({t['tokens_per_s']:,} tokens/s on {t['device']}, {_plural(t['threads'], 'thread')})")
     print(f"  val loss {t['val_loss']:.3f} nats/token = {t['val_bpb']:.3f} bits/byte; "
           f"unigram baseline {t['unigram_val_loss']:.3f} nats/token = "
           f"{t['unigram_val_bpb']:.3f} bits/byte ({t['val_tokens']:,} val tokens)")
-    print(f"  use it: NANOCHAT_BASE_DIR={path} python -m scripts.build_atlas ...")
+    if explicit_out:
+        print(f"  use it: NANOCHAT_BASE_DIR={path} python -m scripts.build_atlas ...")
+    else:
+        print("  every command uses it when there is no nanochat checkpoint ($NANOCHAT_BASE_DIR)")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _adder(parser: argparse.ArgumentParser):

@@ -191,3 +191,9 @@ def test_base_train_cli(tmp_path, capsys):
     meta = json.loads((out / "base_checkpoints" / "d4" / "meta_000030.json").read_text())
     assert meta["device_batch_size"] == 4 and meta["step"] == 30
     assert main(["--preset", "tiny", "--width", "30", "--heads", "4", "--out", str(out)]) == 2
+
+
+def test_thread_count_is_set_or_picked():
+    assert demo.set_threads(3) == 3 and torch.get_num_threads() == 3
+    picked = demo.set_threads(None)  # all cores, or 1 when the machine is too busy for more
+    assert picked in (1, demo._core_count()) and torch.get_num_threads() == picked

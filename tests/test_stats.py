@@ -163,13 +163,22 @@ def sparse_codes(n_rows, n, k, seed):
     return codes
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_coactivation_counts_equal_the_brute_force_product(dense):
+def fixed_codes(n_rows, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n_rows, n, generator=g).topk(k, dim=1).indices
+    return torch.zeros(n_rows, n).scatter_(1, idx, torch.rand(n_rows, k, generator=g) + 0.1)
+
+
+@pytest.mark.parametrize("path", ["variable", "fixed", "dense", "chunked"])
+def test_coactivation_counts_equal_the_brute_force_product(path, monkeypatch):
     n = 40
+    dense = path == "dense"
+    if path == "chunked":  # many small chunks of pairs
+        monkeypatch.setattr(CoactivationCounts, "PAIR_CHUNK", 50)
     cc, moments = CoactivationCounts(n), FeatureMoments(n)
     all_codes = []
     for seed in range(3):
-        codes = sparse_codes(120, n, 8, seed)
+        codes = fixed_codes(120, n, 6, seed) if path == "fixed" else sparse_codes(120, n, 8, seed)
         rows, group = (codes > 0).nonzero(as_tuple=True)
         if dense:
             cc._update_dense(codes > 0)
