@@ -47,7 +47,7 @@ class AtlasConfig:
     width: int | None = None               # None: expansion x d_model
     expansion: float = 8.0
     k: int = 32
-    train_tokens: int | None = None        # None: 1M on CPU, 50M on GPU
+    train_tokens: int | None = None        # None: 500k on CPU, 50M on GPU
     mine_tokens: int | None = None         # None: 250k on CPU, 10M on GPU
     device: str | None = None
     model_id: str | None = None            # Neuronpedia model id override
@@ -92,7 +92,7 @@ def build_atlas(cfg: AtlasConfig) -> dict:
 
     # -- SAEs
     t0 = time.time()
-    train_tokens = cfg.train_tokens or (50_000_000 if on_gpu else 1_000_000)
+    train_tokens = cfg.train_tokens or (50_000_000 if on_gpu else 500_000)
     run_cfg = RunConfig(layers=cfg.layers, hook=cfg.hook, architecture=cfg.arch, width=cfg.width,
                         expansion=cfg.expansion, k=cfg.k, tokens=train_tokens,
                         checkpoint=str(source.checkpoint_dir), data=str(corpus),

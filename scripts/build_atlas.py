@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--expansion", type=float, default=8.0)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--train-tokens", type=int, default=None,
-                    help="SAE training tokens (default 1M on CPU, 50M on GPU)")
+                    help="SAE training tokens (default 500k on CPU, 50M on GPU)")
     ap.add_argument("--mine-tokens", type=int, default=None,
                     help="held-out tokens to mine (default 250k on CPU, 10M on GPU)")
     ap.add_argument("--model-id", default=None, help="Neuronpedia model id (default from the checkpoint)")
