@@ -29,7 +29,8 @@ from sae import SAEConfig, TrainConfig, new_run, train_step
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=None, help="a .npy file [tokens, d_in] of activations (default: synthetic)")
     p.add_argument("--configs", default="128x1024,128x4096,256x8192", help="comma-separated d_in x d_sae")
     p.add_argument("--archs", default="topk,batchtopk")
@@ -84,7 +85,8 @@ def bench_one(acts: np.ndarray, arch: str, d_in: int, d_sae: int, args) -> dict:
     def step(mode):
         start = position[mode] % max(1, len(acts) - B)
         position[mode] += B
-        x = torch.from_numpy(np.array(acts[start:start + B], dtype=np.float32)).to(args.device) * scale  # copy: the memmap is read-only
+        rows = np.array(acts[start:start + B], dtype=np.float32)  # a copy: the memmap is read-only
+        x = torch.from_numpy(rows).to(args.device) * scale
         train_step(runs[mode], x, cfgs[mode], position[mode], dead_tokens)
 
     for mode in ("dense", "sparse"):

@@ -84,7 +84,8 @@ class DemoConfig:
     vocab_size: int = 4096
     seq_len: int = 256
     # training
-    # ~300k tokens is what 2 CPU cores train in about 4.5 minutes (bench/RESULTS_demo.md)
+    # ~300k tokens: about 4-5 minutes on 2 idle CPU cores, from CPU-time measurements
+    # (bench/RESULTS_demo.md); a busy machine takes longer
     tokens: int = 300_000          # steps = tokens / (batch_size x seq_len); `steps` overrides
     steps: int | None = None
     batch_size: int = 4            # rows of seq_len tokens per step: more steps beat bigger ones here

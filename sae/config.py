@@ -68,7 +68,8 @@ class SAEConfig:
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(f"SAEConfig.k={self.k!r}: {self.architecture} needs 0 < k <= d_sae={self.d_sae}")
         if self.jumprelu_sparsity not in JUMPRELU_SPARSITY_MODES:
-            raise ValueError(f"SAEConfig.jumprelu_sparsity={self.jumprelu_sparsity!r}: expected one of {JUMPRELU_SPARSITY_MODES}")
+            raise ValueError(f"SAEConfig.jumprelu_sparsity={self.jumprelu_sparsity!r}: "
+                             f"expected one of {JUMPRELU_SPARSITY_MODES}")
         if not (self.input_scale > 0 and math.isfinite(self.input_scale)):
             raise ValueError(f"SAEConfig.input_scale={self.input_scale!r}: expected a positive finite number")
         if self.layer is None:
@@ -120,7 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm per SAE (0: off)
     sparsity_warmup_frac: float = 0.05  # linear warmup of l1_coefficient (relu, gated, jumprelu)
     auxk_alpha: float = 1 / 32  # AuxK weight (topk, batchtopk); 0 disables
-    dead_tokens: int | None = None  # a latent is dead after this many tokens without firing; None: min(10M, 5% of total)
+    dead_tokens: int | None = None  # tokens without firing that make a latent dead; None: min(10M, 5% of total)
     resample_steps: tuple[int, ...] = ()  # Anthropic-style resampling of dead latents at these steps
     normalize: bool = True  # estimate input_scale so E‖x·s‖ = sqrt(d_in)
     b_dec_init: str = "geometric_median"  # or 'mean', 'zeros'

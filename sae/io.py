@@ -156,7 +156,8 @@ def save_sparsify(sae: SAE, out_dir) -> Path:
     cfg = sae.cfg
     if cfg.architecture != "topk":
         raise ValueError(f"save_sparsify: sparsify only has TopK SAEs, this one is {cfg.architecture!r}")
-    b_enc = sae.b_enc if cfg.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc  # sparsify always subtracts b_dec
+    # sparsify always encodes x - b_dec: fold b_dec·W_enc into the bias when we did not subtract it
+    b_enc = sae.b_enc if cfg.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc
     tensors = {
         "encoder.weight": sae.W_enc.t(), "encoder.bias": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
     }
@@ -254,7 +255,8 @@ def _cfg_from_saelens(raw: dict, f: Path) -> SAEConfig:
         if ours.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{f}: format_version {ours['format_version']} is newer than this code ({FORMAT_VERSION})")
         if cfg.architecture not in _TENSORS or cfg.input_scale != 1.0:
-            raise ValueError(f"{f}: 'nanochat_atlas' holds a training-form config ({cfg.architecture}, input_scale={cfg.input_scale})")
+            raise ValueError(f"{f}: 'nanochat_atlas' holds a training-form config "
+                             f"({cfg.architecture}, input_scale={cfg.input_scale})")
         return cfg
     # a third-party SAELens cfg: flat v5, or v6 with LLM fields under 'metadata'
     meta = raw.get("metadata") or {}
@@ -263,7 +265,8 @@ def _cfg_from_saelens(raw: dict, f: Path) -> SAEConfig:
         raise ValueError(f"{f}: architecture {arch!r} is not supported (standard, topk, jumprelu, gated)")
     norm = raw.get("normalize_activations", "none") or "none"
     if norm != "none":
-        raise ValueError(f"{f}: normalize_activations={norm!r} is not supported; nanochat-atlas SAEs take raw activations")
+        raise ValueError(f"{f}: normalize_activations={norm!r} is not supported; "
+                         "nanochat-atlas SAEs take raw activations")
     if raw.get("hook_head_index", meta.get("hook_head_index")) is not None:
         raise ValueError(f"{f}: hook_head_index is set; per-head SAEs are not supported")
     k = None

@@ -66,7 +66,8 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise ValueError(f"{type(self).__name__} needs architecture {self.architecture!r}, got {cfg.architecture!r}")
+            raise ValueError(f"{type(self).__name__} needs architecture {self.architecture!r}, "
+                             f"got {cfg.architecture!r}")
         self.cfg = cfg
         d, n = cfg.d_in, cfg.d_sae
         self.W_enc = nn.Parameter(torch.empty(d, n))
@@ -151,7 +152,8 @@ class SAE(nn.Module):
             norms = norms.mean().expand_as(norms)  # a uniform rescale keeps the top-k selection
         W_dec = W_dec / norms[:, None]
         W_enc, b_enc = W_enc * norms[None, :], b_enc * norms
-        trained_as = self.cfg.architecture if self.inference_architecture != self.cfg.architecture else self.cfg.trained_as
+        converted = self.inference_architecture != self.cfg.architecture
+        trained_as = self.cfg.architecture if converted else self.cfg.trained_as
         cfg = replace(self.cfg, architecture=self.inference_architecture, input_scale=1.0, trained_as=trained_as)
         sae = build_sae(cfg, torch.Generator())  # its init is overwritten; leave the global RNG alone
         tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
@@ -215,7 +217,8 @@ class TopKSAE(SAE):
 
     def encode_normed(self, x):
         values, indices = torch.relu(self.pre_acts(x)).topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+        codes = torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device)
+        return codes.scatter(-1, indices, values)
 
     def training_loss(self, x, ctx):
         x_enc = self.encoder_input(x)

@@ -41,7 +41,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_VERSION = 1
 # settings that may change between a run and its resume without changing the math
-_RESUME_FREE = {"quiet", "log_every", "checkpoint_every", "device", "calibration_tokens", "eval_tokens", "export_sparsify"}
+_RESUME_FREE = {"quiet", "log_every", "checkpoint_every", "device", "calibration_tokens", "eval_tokens",
+                "export_sparsify"}
 
 
 @dataclass
@@ -115,7 +116,8 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
         if logs:
             _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall + time.time() - t_start)
+            _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed,
+                             wall + time.time() - t_start)
     bar.close()
     wall += time.time() - t_start
     _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
@@ -325,7 +327,8 @@ def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[SAERun]:
     now_tc = train_cfg.to_dict()
     changed = sorted(k for k in now_tc if k not in _RESUME_FREE and saved_tc[k] != now_tc[k])
     if changed:
-        raise ValueError(f"{path}: TrainConfig differs from the checkpoint in {changed}; resume needs the same settings")
+        raise ValueError(f"{path}: TrainConfig differs from the checkpoint in {changed}; "
+                         "resume needs the same settings")
     if len(ckpt["saes"]) != len(cfgs):
         raise ValueError(f"{path}: checkpoint has {len(ckpt['saes'])} SAEs, {len(cfgs)} were requested")
     runs = []
@@ -439,7 +442,8 @@ def _calibrate_thresholds(runs, it, train_cfg, device, say) -> dict:
         cal, ema = calibrators[id(r)], float(r.sae.threshold)
         theta = cal.threshold()
         if theta is None:
-            say(f"{r.sae.cfg.folder_name}: could not calibrate the threshold on {cal.n_tokens} tokens; keeping the EMA {ema:.4g}")
+            say(f"{r.sae.cfg.folder_name}: could not calibrate the threshold on {cal.n_tokens} tokens; "
+                f"keeping the EMA {ema:.4g}")
             theta = ema
         r.sae.threshold.fill_(theta)
         result[id(r)] = {"threshold_ema": ema, "threshold_calibrated": theta, "calibration_tokens": cal.n_tokens}
@@ -466,7 +470,8 @@ def _evaluate(runs, it, train_cfg, device, say) -> list[SAEMetrics | None]:
 def _export(r: SAERun, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens) -> SAE:
     r.sae.cfg = replace(r.sae.cfg, train_tokens=tokens)
     sae = r.sae.export()
-    training = {"steps": step, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": tokens / wall if wall > 0 else None,
+    training = {"steps": step, "tokens": tokens, "wall_s": round(wall, 3),
+                "tokens_per_s": tokens / wall if wall > 0 else None,
                 "lr": r.lr, "dead_window_tokens": dead_tokens,
                 "dead_fraction_train": float((r.tokens_since_fired >= dead_tokens).double().mean()),
                 **r.data_stats, **thresholds.get(id(r), {})}

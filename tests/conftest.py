@@ -1,9 +1,18 @@
 """Shared test helpers: where the nanochat fixtures live, and tiny checkpoints of our own."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Hermetic by default: no test may find the user's nanochat or build the 5-minute demo.
+# Tests that want other values set them with monkeypatch.
+_HOME = Path(tempfile.mkdtemp(prefix="nanochat-atlas-tests-"))
+os.environ["NANOCHAT_BASE_DIR"] = str(_HOME / "no_nanochat")
+os.environ["NANOCHAT_ATLAS_CACHE"] = str(_HOME / "cache")
+os.environ["NANOCHAT_ATLAS_DEMO"] = "tiny"
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 D4 = FIXTURES / "nanochat_d4"

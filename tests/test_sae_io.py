@@ -13,7 +13,8 @@ def random_sae(arch, d=16, n=48, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     k = 5 if arch in ("topk", "batchtopk") else None
     cfg = SAEConfig(d_in=d, d_sae=n, architecture=arch, k=k, hook_name="blocks.3.hook_resid_post",
-                    model_id="nanochat-d4", checkpoint="/ckpt/model_000150.pt", train_tokens=1234, input_scale=0.5, **kw)
+                    model_id="nanochat-d4", checkpoint="/ckpt/model_000150.pt", train_tokens=1234,
+                    input_scale=0.5, **kw)
     sae = build_sae(cfg, g)
     with torch.no_grad():
         for p in sae.parameters():

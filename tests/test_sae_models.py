@@ -58,7 +58,8 @@ ARCH_SETTINGS = {
 @pytest.mark.parametrize("arch", list(ARCH_SETTINGS))
 def test_architecture_recovers_planted_dictionary(arch, tmp_path):
     D, offset = planted_dictionary()
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, hook_name="blocks.0.hook_resid_post", **ARCH_SETTINGS[arch])
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, hook_name="blocks.0.hook_resid_post",
+                    **ARCH_SETTINGS[arch])
     tc = TrainConfig(total_tokens=400 * 512, batch_size=512, lr=5e-3, init_tokens=4096, calibration_tokens=16384,
                      eval_tokens=8192, quiet=True)
     sae = train_sae(cfg, tc, planted_batches(D, offset, seed=1), tmp_path)
