@@ -32,8 +32,11 @@ Notable choices:
   state is removed once the store is written; a store whose meta already holds this fingerprint
   is left alone.
 - Coactivation neighbours rank other latents by the Jaccard index of their firing sets over the
-  whole pass, from exact d_sae x d_sae int32 counts; above `coactivation_max_features` latents
-  (1 GiB at 16k) they are skipped and the meta says so.
+  whole pass, from d_sae x d_sae int32 counts of co-firing among each token's `coactivation_top`
+  (64) strongest latents: exact for TopK SAEs with k <= 64 and any token with at most 64 active
+  latents; the cap bounds a cost that grows with the square of the active count. Above
+  `coactivation_max_features` latents (1 GiB of counts at 16k) they are skipped and the meta
+  says so.
 - Logit effects are W_dec[f] @ W_U^T with W_U = lm_head.weight[:vocab] (kind 'raw'); for MLP
   hidden-layer hooks (hook_mlp_post) the direction is first mapped through c_proj. When the model
   reports a residual gain g != 1 for the SAE's layer (2026 nanochat: residual scalars and
@@ -97,7 +100,8 @@ class MineConfig:
     n_lineage: int = 3              # nearest features in each adjacent layer's SAE
     token_top: int = 10             # features kept per vocabulary token (token_features)
     label_negatives: int = 1024     # random positions sampled as label-scoring negatives
-    coactivation_max_features: int = 16_384
+    coactivation_max_features: int = 16_384  # wider SAEs skip coactivation (d² int32 counts)
+    coactivation_top: int = 64      # pairs counted among each token's strongest active latents
     check_model: bool = True        # refuse SAEs trained on another model/checkpoint
     seed: int = 0
     force: bool = False             # mine even if the store already holds this fingerprint
@@ -307,7 +311,9 @@ class _Run:
         self.stats = {s.sae_id: SaeStats(
             s.sae.cfg.d_sae, vocab_size, cfg.window, cfg.top_k,
             cfg.n_bins * cfg.per_bin * cfg.interval_oversample, cfg.label_negatives,
-            cfg.quantile_bins, s.sae.cfg.d_sae <= cfg.coactivation_max_features, cfg.seed, device)
+            cfg.quantile_bins,
+            cfg.coactivation_top if s.sae.cfg.d_sae <= cfg.coactivation_max_features else None,
+            cfg.seed, device)
             for s in saes}
         self.token_counts = TokenCounts(vocab_size, device)
         self.n_tokens = 0
@@ -364,7 +370,7 @@ class _Run:
             self.stats[s.sae_id].update(
                 b.key, b.token, b.position, rows, group, value,
                 windows=lambda r, f, codes=codes: b.windows(r, f, codes),
-                active=lambda r, codes=codes: codes[r] > 0, codes=codes)
+                active=lambda r, codes=codes: codes[r] > 0)
         self.n_tokens += b.n
         self.n_docs = max(self.n_docs, b.last_doc + 1)
         return b.n
@@ -692,9 +698,8 @@ def _neighbors(s: _Sae, st: SaeStats, cfg: MineConfig) -> pa.Table:
     if k <= 0:
         return _neighbor_table([])
     step = max(1, (1 << 24) // d)
-    count = st.moments.count.to(W.device)
-    coact = st.coact.symmetric(count) if st.coact is not None else None
-    count = count.double()
+    coact = st.coact.symmetric() if st.coact is not None else None
+    count = st.coact.count.double() if st.coact is not None else None
     for start in range(0, d, step):
         rows = torch.arange(start, min(d, start + step), device=W.device)
         diag = (torch.arange(len(rows), device=W.device), rows)

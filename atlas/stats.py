@@ -20,9 +20,9 @@ that orders the corpus and identifies a token.
 - `ActivationHistogram`: per latent, `n_bins` equal bins over [0, 2^e], e the smallest integer
   with max ≤ 2^e. When a larger value arrives, e grows and bins merge in groups of 2^Δe, which
   is exact because every edge is a multiple of a power of two (bins never split).
-- `CoactivationCounts`: counts of tokens where two latents are both non-zero (upper triangle of a
-  d×d int32 matrix), from the pairs of each token's active set (scatter-add), or a 0/1 GEMM when
-  that is cheaper.
+- `CoactivationCounts`: counts of tokens where two latents are both active (upper triangle of a
+  d×d int32 matrix), from the pairs of each token's active set (scatter-add), capped at the
+  token's 64 strongest latents to bound the cost.
 - `PairCounter`: exact count and sum per (row, col) pair, e.g. (token, latent) for the reverse
   index: a dense table when it fits a memory budget, else a sorted sparse table of the pairs seen.
 - `PositionProfile`: per-latent counts and sums by log2 bucket of the context position.
@@ -361,34 +361,41 @@ def _rebinned(counts: torch.Tensor, exp: torch.Tensor, new_exp: torch.Tensor,
 
 class CoactivationCounts:
     """
-    Tokens on which two latents are both active. `pairs[i, j]` (i < j; the lower triangle and the
-    diagonal stay 0) is filled from each token's active set; `matrix(count)` adds the transpose
-    and puts each latent's own count on the diagonal.
+    Tokens on which two latents are both among the token's `top` strongest active latents
+    (exact co-firing counts whenever a token has at most `top` active latents, e.g. any TopK SAE
+    with k <= top; the cap bounds the cost, which grows with the square of the active count).
+    `pairs[i, j]` (i < j) is filled from each token's capped active set, `count[i]` counts the
+    tokens where i is in it; `symmetric()` is the full matrix with `count` on the diagonal.
     """
 
     PAIR_CHUNK = 1 << 22  # pair indices materialised at once
 
-    def __init__(self, n: int, device="cpu"):
-        self.n = n
+    def __init__(self, n: int, top: int = 64, device="cpu"):
+        self.n, self.top = n, top
         self.pairs = torch.zeros((n, n), dtype=torch.int32, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
         self.tokens = 0
 
-    def update(self, rows: torch.Tensor, group: torch.Tensor, n_rows: int,
-               dense_active: torch.Tensor | None = None) -> None:
-        """Active (row, latent) pairs of a batch of `n_rows` tokens, rows ascending and latents
-        ascending within a row. `dense_active` ([n_rows, n] bool) allows the GEMM path."""
+    def update(self, rows: torch.Tensor, group: torch.Tensor, value: torch.Tensor,
+               n_rows: int) -> None:
+        """Active (row, latent, value) triplets of a batch of `n_rows` tokens, rows ascending."""
         if self.tokens + n_rows >= 2**31:
             raise OverflowError("coactivation counts are int32: mine fewer than 2^31 tokens")
         self.tokens += n_rows
         if rows.numel() == 0:
             return
         per_row = torch.bincount(rows, minlength=n_rows)
-        pairs = int((per_row * (per_row - 1)).sum()) // 2
-        # a scatter-add costs a few hundred GEMM multiply-adds: pick the cheaper path
-        if dense_active is not None and pairs * 512 > n_rows * self.n * self.n:
-            self._update_dense(dense_active)
-        else:
-            self._update_pairs(rows, group, per_row)
+        if int(per_row.max()) > self.top:
+            rows, group, per_row = self._capped(rows, group, value, per_row)
+        self.count.index_add_(0, group, torch.ones_like(group))
+        self._update_pairs(rows, group, per_row)
+
+    def _capped(self, rows, group, value, per_row):
+        """Keep each row's `top` largest values (ties: smaller latent); rows stay ascending."""
+        rank_key = (rows << 31) | order_by_value(value)  # row, then value descending
+        perm = torch.argsort(rank_key, stable=True)
+        keep = perm[ranks_within(rows[perm], per_row.numel()) < self.top].sort().values
+        return rows[keep], group[keep], per_row.clamp(max=self.top)
 
     def _update_pairs(self, rows, group, per_row) -> None:
         m = int(per_row.max())
@@ -402,8 +409,7 @@ class CoactivationCounts:
             ii, jj = torch.triu_indices(m, m, offset=1, device=rows.device)
             step = max(1, self.PAIR_CHUNK // ii.numel())
             for s in range(0, latents.shape[0], step):
-                a, b = latents[s:s + step, ii], latents[s:s + step, jj]  # a < b: latents ascend
-                _count(flat, (a * self.n + b).view(-1))
+                _count(flat, self._index(latents[s:s + step, ii], latents[s:s + step, jj]).view(-1))
             return
         # variable active sets: entry e pairs with the entries after it in its row, which are
         # contiguous (rows ascend), so no padding to the longest row is needed
@@ -419,33 +425,30 @@ class CoactivationCounts:
             first = torch.repeat_interleave(torch.arange(e0, e1, device=rows.device), n_after)
             offset = torch.arange(first.numel(), device=rows.device) - \
                 torch.repeat_interleave(torch.cumsum(n_after, 0) - n_after, n_after)
-            a, b = group[first].to(dtype), group[first + 1 + offset].to(dtype)
-            _count(flat, a * self.n + b)
+            _count(flat, self._index(group[first].to(dtype), group[first + 1 + offset].to(dtype)))
             e0 = e1
 
-    def _update_dense(self, active: torch.Tensor) -> None:
-        # 0/1 products summed in fp32 are exact integers below 2^24 per chunk
-        step = 1 << 14
-        for s in range(0, active.shape[0], step):
-            a = active[s:s + step].float()
-            self.pairs += (a.t() @ a).triu_(1).round_().to(torch.int32)
+    def _index(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Flat index of the upper-triangle cell of each latent pair."""
+        return torch.minimum(a, b) * self.n + torch.maximum(a, b)
 
-    def symmetric(self, count: torch.Tensor) -> torch.Tensor:
-        """The full symmetric int32 count matrix, each latent's own count (`count`, from
-        FeatureMoments) on the diagonal."""
+    def symmetric(self) -> torch.Tensor:
+        """The full symmetric int32 count matrix, `count` on the diagonal."""
         full = self.pairs + self.pairs.t()
-        full.diagonal().copy_(count)
+        full.diagonal().copy_(self.count)
         return full
 
     def merge(self, other: "CoactivationCounts") -> None:
         self.pairs += other.pairs
+        self.count += other.count
         self.tokens += other.tokens
 
     def state_dict(self) -> dict:
-        return {"pairs": self.pairs.cpu(), "tokens": self.tokens}
+        return {"pairs": self.pairs.cpu(), "count": self.count.cpu(), "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.pairs.copy_(state["pairs"])
+        self.count.copy_(state["count"])
         self.tokens = int(state["tokens"])
 
 
@@ -618,7 +621,8 @@ class SaeStats:
     """
 
     def __init__(self, d_sae: int, vocab_size: int, window: int, top_k: int, sample_k: int,
-                 random_k: int, hist_bins: int, coactivation: bool, seed: int, device="cpu"):
+                 random_k: int, hist_bins: int, coactivation_top: int | None, seed: int,
+                 device="cpu"):
         win = {"tokens": ((window,), torch.int32, -1), "acts": ((window,), torch.float32, 0.0)}
         self.seed = seed
         self.n_tokens = 0
@@ -626,7 +630,8 @@ class SaeStats:
         self.top = TopKSlots(d_sae, top_k, win, device)
         self.samples = TopKSlots(d_sae, sample_k, win, device)
         self.hist = ActivationHistogram(d_sae, hist_bins, device)
-        self.coact = CoactivationCounts(d_sae, device) if coactivation else None
+        self.coact = (CoactivationCounts(d_sae, coactivation_top, device)
+                      if coactivation_top else None)
         self.token_features = PairCounter(vocab_size, d_sae, device=device)
         self.positions = PositionProfile(d_sae, device)
         self.random = TopKSlots(1, random_k, {"tokens": ((window,), torch.int32, -1),
@@ -634,13 +639,12 @@ class SaeStats:
 
     def update(self, key: torch.Tensor, token: torch.Tensor, position: torch.Tensor,
                rows: torch.Tensor, group: torch.Tensor, value: torch.Tensor, windows: Callable,
-               active: Callable, codes: torch.Tensor | None = None) -> None:
+               active: Callable) -> None:
         """
         key, token, position [N]: the batch's mined tokens (position: in the model's window).
         (rows, group, value): its non-zero activations,
         grouped by row ascending. windows(rows, group) -> {"tokens", "acts"} [m, window] for
-        those (token, latent) pairs; active(rows) -> [m, d_sae] bool. codes: dense [N, d_sae]
-        (optional; lets coactivation use a GEMM when that is cheaper).
+        those (token, latent) pairs; active(rows) -> [m, d_sae] bool.
         """
         n = key.numel()
         if self.n_tokens + n >= 2**31:
@@ -653,7 +657,7 @@ class SaeStats:
         self.samples.update(group, order_by_priority(k, group, self.seed), k, value,
                             lambda i: windows(rows[i], group[i]))
         if self.coact is not None:
-            self.coact.update(rows, group, n, None if codes is None else codes > 0)
+            self.coact.update(rows, group, value, n)
         self.token_features.update(token[rows], group, value)
         buckets = PositionProfile.bucket(position)
         self.positions.update(group, buckets[rows], value, buckets)
