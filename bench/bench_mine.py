@@ -4,6 +4,7 @@ Feature mining tokens/s against the work it cannot avoid, measured side by side 
     python -m bench.bench_mine [--checkpoint DIR] [--data PATH] [--tokens 262144] [--layers 1,3]
                                [--d-sae 4096] [--k 32] [--arch topk|jumprelu] [--batch-tokens 8192]
                                [--repeats 1] [--device cpu]
+    python -m bench.bench_mine --sae-dir atlas_out/saes ...   # trained SAEs instead of random ones
 
 Baseline: the same batches of the same held-out windows, one forward stopped after the deepest
 hooked block, then every SAE's encode (what any feature dashboard must compute). Mining: the
@@ -13,10 +14,11 @@ Overhead = baseline tokens/s / mining tokens/s - 1; the target is <= 15%. Runs a
 baseline and mining `--repeats` times and keep each one's best, so machine noise hits both.
 
 Model: --checkpoint, else the nanochat_d4 fixture (../shared/fixtures), else the demo model.
-SAEs: randomly initialised SAEs of the given shape (speed only: the cost of bookkeeping depends on
-d_sae and the number of active latents, not on what they mean). JumpReLU thresholds (the
-inference form of the default BatchTopK SAEs) are set per latent from the first batch's
-pre-activations so that about k latents fire per token, as in a trained SAE.
+SAEs: trained ones with --sae-dir (their sparsity is what the cost of bookkeeping depends on),
+else randomly initialised TopK SAEs of the given shape, or JumpReLU SAEs (the inference form of
+the default BatchTopK) whose per-latent thresholds fire on about k/d_sae of the first batch's
+tokens; random JumpReLUs have a far more skewed L0 than trained ones (median 0, a tail in the
+hundreds), which makes them a stress test of the coactivation cap rather than a typical case.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device")
+    ap.add_argument("--sae-dir", help="trained SAE folders to mine (default: random SAEs)")
     args = ap.parse_args()
 
     device = autodetect_device(args.device)
@@ -59,22 +62,27 @@ def main():
     layers = [int(x) for x in args.layers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        saes = make_saes(source, corpus, layers, args, tmp / "saes")
+        if args.sae_dir:
+            sae_paths = find_saes(args.sae_dir)
+            saes = [load_sae(p, device=str(device)) for p in sae_paths]
+            label = f"{len(saes)} x trained {saes[0].cfg.architecture} {saes[0].cfg.d_sae}"
+        else:
+            saes = make_saes(source, corpus, layers, args, tmp / "saes")
+            sae_paths = find_saes(tmp / "saes")
+            label = f"{len(layers)} x random {args.arch} {args.d_sae} (k {args.k})"
         cfg = MineConfig(tokens=args.tokens, batch_tokens=args.batch_tokens, force=True)
         base, mine, final = [], [], []
         for r in range(args.repeats):
             base.append(baseline(source, corpus, saes, cfg, device))
-            out = mine_features(find_saes(tmp / "saes"), source, corpus, tmp / f"f{r}.duckdb", cfg,
-                                quiet=True)
+            out = mine_features(sae_paths, source, corpus, tmp / f"f{r}.duckdb", cfg, quiet=True)
             mine.append(out["tokens"] / out["pass_seconds"])
             final.append(out["finalize_seconds"])
     b, m = max(base), max(mine)
     c = source.model.config
     print(f"| model | device | SAEs | tokens | baseline tok/s | mining tok/s | overhead | finalize |")
     print(f"|---|---|---|---|---|---|---|---|")
-    print(f"| {source.model_id} (d_model {c.n_embd}) | {device} | {len(layers)} x {args.arch} "
-          f"{args.d_sae} (k {args.k}) | {out['tokens']:,} | {b:,.0f} | {m:,.0f} | "
-          f"{(b / m - 1) * 100:+.1f}% | {min(final):.1f}s |")
+    print(f"| {source.model_id} (d_model {c.n_embd}) | {device} | {label} | {out['tokens']:,} | "
+          f"{b:,.0f} | {m:,.0f} | {(b / m - 1) * 100:+.1f}% | {min(final):.1f}s |")
 
 
 @torch.no_grad()
