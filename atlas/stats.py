@@ -398,35 +398,25 @@ class CoactivationCounts:
         return rows[keep], group[keep], per_row.clamp(max=self.top)
 
     def _update_pairs(self, rows, group, per_row) -> None:
-        m = int(per_row.max())
-        if m < 2:
-            return
+        """Count every pair of latents within each row; rows are grouped by their length so
+        each group is a dense [rows, m] block whose pairs are one fixed triangle of columns."""
         # int32 pair indices when n² fits: half the memory traffic of the gathers
         dtype = torch.int32 if self.n * self.n < 2**31 else torch.int64
         flat = self.pairs.view(-1)
-        if int(per_row.min()) == m:  # every token has m active latents (TopK): a fixed triangle
-            latents = group.to(dtype).view(-1, m)
-            ii, jj = torch.triu_indices(m, m, offset=1, device=rows.device)
+        starts = torch.cumsum(per_row, 0) - per_row
+        group = group.to(dtype)
+        for m in torch.unique(per_row).tolist():
+            if m < 2:
+                continue
+            if m == int(per_row.min()) == int(per_row.max()):  # every row (TopK): no gather
+                latents = group.view(-1, m)
+            else:
+                first = starts[per_row == m]
+                latents = group[first[:, None] + torch.arange(m, device=group.device)]
+            ii, jj = torch.triu_indices(m, m, offset=1, device=group.device)
             step = max(1, self.PAIR_CHUNK // ii.numel())
             for s in range(0, latents.shape[0], step):
                 _count(flat, self._index(latents[s:s + step, ii], latents[s:s + step, jj]).view(-1))
-            return
-        # variable active sets: entry e pairs with the entries after it in its row, which are
-        # contiguous (rows ascend), so no padding to the longest row is needed
-        starts = torch.cumsum(per_row, 0) - per_row
-        after = starts[rows] + per_row[rows] - 1 - torch.arange(rows.numel(), device=rows.device)
-        ends = torch.cumsum(after, 0)
-        e0 = 0
-        while e0 < rows.numel():  # chunks of entries with at most PAIR_CHUNK pairs
-            base = int(ends[e0 - 1]) if e0 else 0
-            e1 = max(e0 + 1, int(torch.searchsorted(ends, base + self.PAIR_CHUNK, right=True)))
-            e1 = min(e1, rows.numel())
-            n_after = after[e0:e1]
-            first = torch.repeat_interleave(torch.arange(e0, e1, device=rows.device), n_after)
-            offset = torch.arange(first.numel(), device=rows.device) - \
-                torch.repeat_interleave(torch.cumsum(n_after, 0) - n_after, n_after)
-            _count(flat, self._index(group[first].to(dtype), group[first + 1 + offset].to(dtype)))
-            e0 = e1
 
     def _index(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Flat index of the upper-triangle cell of each latent pair."""
