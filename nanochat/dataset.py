@@ -56,27 +56,66 @@ def list_corpus_files(path, must_exist: bool = True) -> list[Path]:
 
 def iter_documents(path, split: str = "train") -> Iterator[str]:
     """Documents of one split ('train', 'val' or 'all') of a corpus file or directory."""
+    for _, doc in iter_shard_documents(path, split):
+        yield doc
+
+
+def iter_shard_documents(path, split: str = "train", rank: int = 0,
+                         world: int = 1) -> Iterator[tuple[int, str]]:
+    """(index in the split, text) of one rank's share of a split. Parquet is dealt out by row
+    group: the split's row groups, counted across its files, go to ranks in turn (group g to
+    rank g % world, as nanochat's own loader strides them); text files, which have no row
+    groups, one document at a time. The indices are those of the whole split, so every rank
+    names a document as a single process would."""
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world}")
+    base = 0  # split index of the current range's first document
+    block = 0  # row groups (parquet) or documents (text) dealt so far
+    for f, lo, hi in _split_ranges(path, split):
+        if f.suffix == ".parquet":
+            pf = _parquet_file(f)
+            start = 0
+            for rg in range(pf.num_row_groups):
+                end = start + pf.metadata.row_group(rg).num_rows
+                a, b = max(start, lo), min(end, hi)
+                if a < b:
+                    if block % world == rank:
+                        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                        for i in range(a, b):
+                            yield base + i - lo, texts[i - start]
+                    block += 1
+                start = end
+            n_file = start
+        else:
+            n_file = 0
+            for i, doc in enumerate(iter_file_documents(f)):
+                if i >= hi:
+                    break
+                n_file = i + 1
+                if i >= lo:
+                    if block % world == rank:
+                        yield base + i - lo, doc
+                    block += 1
+        base += max(0, min(hi, n_file) - lo)
+
+
+def _split_ranges(path, split: str) -> list[tuple[Path, int, int]]:
+    """The split as (file, first document, end document) ranges: with several files the last
+    is held out; a single file holds out its last HOLDOUT_FRACTION of documents."""
     files = list_corpus_files(path)
+    big = 1 << 62  # "to the end": text files are not counted unless they must be
     if split == "all":
-        for f in files:
-            yield from iter_file_documents(f)
-        return
+        return [(f, 0, big) for f in files]
     if len(files) >= 2:
-        chosen = files[:-1] if split == "train" else files[-1:]
-        for f in chosen:
-            yield from iter_file_documents(f)
-        return
-    # a single file: hold out its last documents
+        return [(f, 0, big) for f in (files[:-1] if split == "train" else files[-1:])]
     n = count_documents(files[0])
     if n < 2:
         raise ValueError(f"{files[0]} holds {n} document(s); at least 2 are needed to hold "
                          f"one out for validation")
     n_val = max(1, int(n * HOLDOUT_FRACTION))
-    for i, doc in enumerate(iter_file_documents(files[0])):
-        if (i >= n - n_val) == (split == "val"):
-            yield doc
+    return [(files[0], 0, n - n_val) if split == "train" else (files[0], n - n_val, n)]
 
 
 def count_documents(path: Path) -> int:
@@ -141,23 +180,29 @@ class Window:
 def iter_windows(docs: Iterable[str], tokenizer, seq_len: int, batch_docs: int = 128,
                  start_doc: int = 0) -> Iterator[Window]:
     """BOS-aligned windows of at most `seq_len` tokens; doc ids count from `start_doc`."""
+    return iter_indexed_windows(enumerate(docs, start_doc), tokenizer, seq_len, batch_docs)
+
+
+def iter_indexed_windows(docs: Iterable[tuple[int, str]], tokenizer, seq_len: int,
+                         batch_docs: int = 128) -> Iterator[Window]:
+    """BOS-aligned windows of (doc_id, text) pairs, e.g. one rank's `iter_shard_documents`."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     bos = tokenizer.get_bos_token_id()
-    doc_id = start_doc
+    ids_buf: list[int] = []
     buf: list[str] = []
 
     def flush():
-        nonlocal doc_id
-        for ids in tokenizer.encode(buf, num_threads=4):
+        for doc_id, ids in zip(ids_buf, tokenizer.encode(buf, num_threads=4)):
             for start in range(0, max(len(ids), 1), seq_len - 1):
                 chunk = ids[start:start + seq_len - 1]
                 if chunk:
                     yield Window(doc_id, start + 1, [bos] + chunk)
-            doc_id += 1
+        ids_buf.clear()
         buf.clear()
 
-    for doc in docs:
+    for doc_id, doc in docs:
+        ids_buf.append(doc_id)
         buf.append(doc)
         if len(buf) >= batch_docs:
             yield from flush()

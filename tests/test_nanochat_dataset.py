@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.dataset import (find_nanochat_data_dir, iter_batches, iter_documents,
-                              iter_windows, list_corpus_files)
+                              iter_shard_documents, iter_windows, list_corpus_files)
 from nanochat.tokenizer import Tokenizer
 
 
@@ -76,3 +76,35 @@ def test_windows_start_at_bos_and_map_back(d4_dir):
     batch = next(iter_batches(windows, 8, pad_id=bos))
     assert batch.valid.sum().item() == sum(len(w.tokens) - 1 for w in windows[:8])
     assert not batch.valid[:, 0].any()
+
+
+def _rows(tmp_path, name, texts, row_group_size):
+    pq.write_table(pa.table({"text": texts}), tmp_path / name, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "all"])
+def test_shards_partition_the_split(tmp_path, split):
+    # three files of uneven row groups, and one file whose held-out tail cuts a row group
+    _rows(tmp_path, "s0.parquet", [f"a{i}" for i in range(7)], 3)
+    _rows(tmp_path, "s1.parquet", [f"b{i}" for i in range(5)], 2)
+    _rows(tmp_path, "s2.parquet", [f"c{i}" for i in range(4)], 3)
+    (tmp_path / "single").mkdir()
+    _rows(tmp_path / "single", "only.parquet", [f"d{i}" for i in range(40)], 6)
+    (tmp_path / "t.txt").write_text("\n\n".join(f"t{i}" for i in range(23)))
+    for corpus in (tmp_path, tmp_path / "single", tmp_path / "t.txt"):
+        whole = list(iter_documents(corpus, split))
+        for world in (1, 2, 3):
+            shares = [list(iter_shard_documents(corpus, split, r, world)) for r in range(world)]
+            merged = sorted(pair for share in shares for pair in share)
+            assert merged == list(enumerate(whole)), (corpus, world)
+            if world > 1 and corpus == tmp_path:
+                assert all(shares), "every rank gets some row groups"
+
+
+def test_parquet_shards_stride_row_groups(tmp_path):
+    _rows(tmp_path, "s0.parquet", [f"a{i}" for i in range(6)], 2)  # groups a0-1, a2-3, a4-5
+    _rows(tmp_path, "s1.parquet", ["held out"], 1)
+    rank1 = [doc for _, doc in iter_shard_documents(tmp_path, "train", 1, 2)]
+    assert rank1 == ["a2", "a3"]
+    with pytest.raises(ValueError, match="rank 2"):
+        list(iter_shard_documents(tmp_path, "train", 2, 2))
