@@ -26,11 +26,18 @@ Notable choices:
   reached (its activation is 0: BOS is never encoded nor counted). `token_pos` is the document
   position (BOS = 0).
 - Resumable: every `chunk_tokens` the whole state (statistics + stream position) is saved to
-  `<store>.mine-state/state.pt` atomically; a rerun with the same inputs (fingerprint of SAE
-  weights, model file, corpus files and settings) resumes there and ends with the same store as
-  an uninterrupted run, because batches are formed the same way after the resume point. The
-  state is removed once the store is written; a store whose meta already holds this fingerprint
-  is left alone.
+  `<store>.mine-state/rank<r>-of-<world>.pt` atomically, and once more at the end of the pass; a
+  rerun with the same inputs (fingerprint of SAE weights, model file, corpus files and settings)
+  and the same number of ranks resumes there and ends with the same store as an uninterrupted
+  run. The state is removed once the store is written; a store whose meta already holds this
+  fingerprint is left alone.
+- torchrun (`ctx`): rank r mines its share of the split (`iter_shard_documents`: row groups or
+  documents dealt out in turn, document ids those of the whole split) and of the token budget.
+  Ranks meet three times: after setup (every rank must see the same inputs), after the pass
+  (any rank's failure is raised on every rank before anything is merged: `agree`), and after
+  rank 0 has received every rank's statistics, one rank and one SAE at a time, merged them
+  (exactly: stats.py) and written the store. Over the whole split the store is the one a single
+  process writes: statistics are order-independent, sums included (fixed point, stats.to_fixed).
 - Coactivation neighbours rank other latents by the Jaccard index of their firing sets over the
   whole pass, from d_sae x d_sae int32 counts of co-firing among each token's `coactivation_top`
   (64) strongest latents: exact for TopK SAEs with k <= 64 and any token with at most 64 active
@@ -56,23 +63,26 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from itertools import dropwhile, islice
+from itertools import dropwhile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 
 from atlas import labels as L
 from atlas import store
 from atlas.stats import SaeStats, TokenCounts, position_keys, split_keys
 from atlas.tokens_display import visible_token
 from nanochat.common import autocast
-from nanochat.dataset import iter_batches, iter_documents, iter_windows, list_corpus_files
+from nanochat.dataset import (iter_batches, iter_indexed_windows, iter_shard_documents,
+                              list_corpus_files)
+from nanochat.distributed import DistContext, RankFailure, agree, rank_slice
 from sae.hooks import parse_hook_name, run_with_capture
 from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, load_sae
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: fixed-point sums, one state file per rank
 PER_SAE_TABLES = ("saes", "features", "examples", "interval_bins", "logit_effects", "histograms",
                   "neighbors", "token_features", "position_profile", "lineage")
 ULTRA_LOW_DENSITY = 1e-5
@@ -146,58 +156,140 @@ def find_saes(sae_dir) -> list[Path]:
 
 
 def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
-                  cfg: MineConfig, quiet: bool = False) -> dict:
+                  cfg: MineConfig, quiet: bool = False, ctx: DistContext | None = None) -> dict:
     """Mine every SAE in one pass over `corpus` (its cfg.split) and write `store_path`.
 
-    Returns a summary: store, sae_ids, fingerprint, skipped, tokens, documents, seconds,
-    pass_seconds (the streaming pass), finalize_seconds (tables, labels, writing),
-    tokens_per_s (of the pass), resumed_from (tokens already mined by an interrupted run)."""
+    `ctx` (nanochat.distributed.init_distributed under torchrun; default: one process): each
+    rank mines its share, rank 0 merges every rank's statistics and alone writes the store and
+    prints. A failure on any rank raises RankFailure on every rank, and nothing is written.
+
+    Returns a summary, the same on every rank: store, sae_ids, fingerprint, ranks, skipped,
+    written (whether this rank wrote the store), tokens, documents, seconds, pass_seconds (the
+    streaming pass of the slowest rank), finalize_seconds (merge, tables, labels, writing),
+    tokens_per_s (of the pass, all ranks together), resumed_from (tokens already mined by an
+    interrupted run, all ranks together)."""
+    ctx = ctx or DistContext()
+    quiet = quiet or not ctx.is_main  # only rank 0 talks
     t0 = time.time()
     store_path = Path(store_path)
+    state_dir = store_path.with_name(store_path.name + ".mine-state")
     model, tokenizer = source.model, source.tokenizer
-    device = model.get_device()
-    saes = _load_saes([Path(p) for p in sae_paths], source, cfg, device)
+    saes, corpus, corpus_files, seq_len, fingerprint, current = _together(
+        ctx, _prepare, sae_paths, source, corpus, store_path, cfg, ctx)
+    current = _same_inputs(ctx, fingerprint, current)
+    summary = {"store": str(store_path), "sae_ids": [s.sae_id for s in saes],
+               "fingerprint": fingerprint, "ranks": ctx.world}
+    if current:
+        _log(quiet, f"{store_path} is up to date with these inputs (fingerprint {fingerprint[:12]})")
+        return {**summary, "skipped": True, "written": False, "tokens": None, "documents": None,
+                "seconds": 0.0, "pass_seconds": 0.0, "finalize_seconds": 0.0,
+                "tokens_per_s": None, "resumed_from": None}
+
+    run = _together(ctx, _Run, saes, cfg, seq_len, tokenizer.get_vocab_size(), model.get_device(), ctx)
+    resumed = _together(ctx, run.load, state_dir, fingerprint, cfg.force, quiet)
+    if resumed:
+        who = "" if ctx.world == 1 else f"rank 0 of {ctx.world}: "
+        _log(quiet, f"resuming from {state_dir}: {who}{resumed:,} tokens already mined")
+    _together(ctx, run.mine, model, tokenizer, corpus, state_dir, fingerprint, quiet)
+    t_final = time.time()
+    totals = _together(ctx, _finish, run, source, corpus, corpus_files, seq_len, store_path,
+                       state_dir, fingerprint, cfg, quiet)
+    totals = _from_main(ctx, totals)
+    if not ctx.is_main:  # rank 0 removed the state dir it sees; ranks on other nodes see their own
+        run.state_file(state_dir).unlink(missing_ok=True)
+        _remove_if_empty(state_dir)
+    seconds = time.time() - t0
+    _log(quiet, f"mined {totals['tokens']:,} tokens of {totals['documents']:,} documents for "
+                f"{len(saes)} SAE(s) in {seconds:.1f}s -> {store_path}")
+    return {**summary, **totals, "skipped": False, "written": ctx.is_main, "seconds": seconds,
+            "finalize_seconds": time.time() - t_final,
+            "tokens_per_s": (totals["tokens"] - totals["resumed_from"]) / max(totals["pass_seconds"], 1e-9)}
+
+
+def _prepare(sae_paths, source, corpus, store_path: Path, cfg: MineConfig, ctx: DistContext):
+    """SAEs, corpus, window length, fingerprint, and whether the store is already current (rank
+    0's view: the store lives where rank 0 writes it)."""
+    saes = _load_saes([Path(p) for p in sae_paths], source, cfg, source.model.get_device())
     corpus = Path(corpus)
     corpus_files = list_corpus_files(corpus)
-    seq_len = _seq_len(cfg, saes, model)
-    fingerprint = _fingerprint(saes, source, corpus_files, seq_len, cfg)
-    sae_ids = [s.sae_id for s in saes]
-    summary = {"store": str(store_path), "sae_ids": sae_ids, "fingerprint": fingerprint}
-    if not cfg.force and _store_is_current(store_path, fingerprint, sae_ids):
-        _log(quiet, f"{store_path} is up to date with these inputs (fingerprint {fingerprint[:12]})")
-        return {**summary, "skipped": True, "tokens": None, "documents": None, "seconds": 0.0,
-                "pass_seconds": 0.0, "finalize_seconds": 0.0, "tokens_per_s": None,
-                "resumed_from": None}
+    seq_len = _seq_len(cfg, saes, source.model)
+    fingerprint = _fingerprint(saes, source, corpus_files, seq_len, cfg, ctx.world)
+    current = ctx.is_main and not cfg.force and \
+        _store_is_current(store_path, fingerprint, [s.sae_id for s in saes])
+    return saes, corpus, corpus_files, seq_len, fingerprint, current
 
-    vocab_size = tokenizer.get_vocab_size()
-    run = _Run(saes, cfg, seq_len, vocab_size, device)
-    state_dir = store_path.with_name(store_path.name + ".mine-state")
-    resumed_from = run.load(state_dir, fingerprint, cfg.force)
-    if resumed_from:
-        _log(quiet, f"resuming from {state_dir}: {resumed_from:,} tokens already mined")
-    t_pass = time.time()
-    run.stream(model, tokenizer, corpus, state_dir, fingerprint, quiet)
-    if run.n_tokens == 0:
+
+def _finish(run: "_Run", source, corpus: Path, corpus_files, seq_len: int, store_path: Path,
+            state_dir: Path, fingerprint: str, cfg: MineConfig, quiet: bool) -> dict | None:
+    """Rank 0: merge every rank's statistics, build the tables and write the store (then drop
+    the saved state). Other ranks: send their statistics. Returns rank 0's totals."""
+    counters = run.merge_ranks()
+    if not run.ctx.is_main:
+        return None
+    tokens = sum(c["n_tokens"] for c in counters)
+    if tokens == 0:
         raise ValueError(f"empty corpus: the {cfg.split!r} split of {corpus} has no tokens to mine")
-    pass_seconds = time.time() - t_pass
-    t_final = time.time()
+    model, tokenizer = source.model, source.tokenizer
     vocab = L.Vocab(tokenizer.all_token_bytes(), tokenizer.get_bos_token_id(),
                     run.token_counts.count.cpu().tolist())
-    lineage = _lineage(saes, cfg)
+    lineage = _lineage(run.saes, cfg)
     tables = [{**_sae_tables(s, run, model, tokenizer, vocab, cfg), "lineage": lineage[s.sae_id]}
-              for s in saes]
+              for s in run.saes]
     meta = _meta(source, corpus, corpus_files, seq_len, run, cfg, fingerprint)
     _write_store(store_path, tables, _vocab_table(tokenizer), run.token_counts.count.cpu().numpy(),
                  meta, source)
     shutil.rmtree(state_dir, ignore_errors=True)
-    seconds = time.time() - t0
-    _log(quiet, f"mined {run.n_tokens:,} tokens of {run.n_docs:,} documents for {len(saes)} SAE(s) "
-                f"in {seconds:.1f}s -> {store_path}")
-    return {**summary, "skipped": False, "tokens": run.n_tokens, "documents": run.n_docs,
-            "seconds": seconds, "pass_seconds": pass_seconds,
-            "finalize_seconds": time.time() - t_final,
-            "tokens_per_s": (run.n_tokens - resumed_from) / max(pass_seconds, 1e-9),
-            "resumed_from": resumed_from}
+    return {"tokens": run.n_tokens, "documents": run.n_docs,
+            "resumed_from": sum(c["resumed_from"] for c in counters),
+            "pass_seconds": max(c["pass_seconds"] for c in counters)}
+
+
+# ----------------------------------------------------------------------------- ranks
+
+def _together(ctx: DistContext, fn, *args):
+    """fn(*args) on every rank, then a meeting point: if it failed on any rank, every rank
+    raises (one process: the error itself). A failed rank says so at once, since the others
+    may take long to reach the meeting point."""
+    try:
+        out, error = fn(*args), None
+    except Exception as e:
+        out, error = None, e
+        if ctx.enabled:
+            print(f"rank {ctx.rank}: {type(e).__name__}: {e} (stopping at the next meeting point)",
+                  file=sys.stderr)
+    agree(ctx, error)
+    return out
+
+
+def _same_inputs(ctx: DistContext, fingerprint: str, current: bool) -> bool:
+    """Check that every rank mines the same inputs (shares of different corpora would merge into
+    nonsense); rank 0's view of the store decides for all."""
+    if not ctx.enabled:
+        return current
+    views: list = [None] * ctx.world
+    dist.all_gather_object(views, (fingerprint, current))
+    differ = [r for r, (fp, _) in enumerate(views) if fp != views[0][0]]
+    if differ:
+        raise RankFailure(f"rank(s) {differ} see other inputs than rank 0 (SAE weights, model "
+                          f"file, corpus files or settings differ); every rank must read the "
+                          f"same files. Nothing was mined.")
+    return bool(views[0][1])
+
+
+def _from_main(ctx: DistContext, obj):
+    """Rank 0's object, on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or other ranks' files still there
+        pass
 
 
 # ----------------------------------------------------------------------------- SAEs
@@ -304,51 +396,69 @@ def _seq_len(cfg: MineConfig, saes: list[_Sae], model) -> int:
 # ----------------------------------------------------------------------------- the pass
 
 class _Run:
-    """The statistics of every SAE plus where the stream stands; saved and loaded as one file."""
+    """One rank's statistics of every SAE plus where its stream stands; saved and loaded as one
+    file per rank."""
 
-    def __init__(self, saes, cfg: MineConfig, seq_len: int, vocab_size: int, device):
-        self.saes, self.cfg, self.seq_len, self.device = saes, cfg, seq_len, device
-        self.stats = {s.sae_id: SaeStats(
-            s.sae.cfg.d_sae, vocab_size, cfg.window, cfg.top_k,
-            cfg.n_bins * cfg.per_bin * cfg.interval_oversample, cfg.label_negatives,
-            cfg.quantile_bins,
-            cfg.coactivation_top if s.sae.cfg.d_sae <= cfg.coactivation_max_features else None,
-            cfg.seed, device)
-            for s in saes}
+    def __init__(self, saes, cfg: MineConfig, seq_len: int, vocab_size: int, device,
+                 ctx: DistContext):
+        self.saes, self.cfg, self.seq_len, self.device, self.ctx = saes, cfg, seq_len, device, ctx
+        self.vocab_size = vocab_size
+        self.budget = None  # this rank's share of the token budget
+        if cfg.tokens is not None:
+            start, end = rank_slice(cfg.tokens, ctx)
+            self.budget = end - start
+        self.stats = {s.sae_id: self._new_stats(s) for s in saes}
         self.token_counts = TokenCounts(vocab_size, device)
         self.n_tokens = 0
         self.n_docs = 0
         self.last_window: tuple[int, int] | None = None  # (doc_id, pos0) of the last window done
+        self.resumed_from = 0
+        self.pass_seconds = 0.0
+
+    def _new_stats(self, s) -> SaeStats:
+        cfg = self.cfg
+        return SaeStats(
+            s.sae.cfg.d_sae, self.vocab_size, cfg.window, cfg.top_k,
+            cfg.n_bins * cfg.per_bin * cfg.interval_oversample, cfg.label_negatives,
+            cfg.quantile_bins,
+            cfg.coactivation_top if s.sae.cfg.d_sae <= cfg.coactivation_max_features else None,
+            cfg.seed, self.device)
+
+    def mine(self, model, tokenizer, corpus, state_dir: Path, fingerprint: str, quiet: bool):
+        """The pass of this rank, then its state saved: a failed merge or write, rerun, goes
+        straight to merging."""
+        t = time.time()
+        self.stream(model, tokenizer, corpus, state_dir, fingerprint, quiet)
+        self.pass_seconds = time.time() - t
+        if self.n_tokens:
+            self.save(state_dir, fingerprint)
 
     def stream(self, model, tokenizer, corpus, state_dir: Path, fingerprint: str, quiet: bool):
-        """Mine from where the state stands to the token budget or the end of the split."""
-        cfg = self.cfg
-        if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
+        """Mine from where the state stands to this rank's budget or the end of its share."""
+        cfg, budget = self.cfg, self.budget
+        if budget is not None and self.n_tokens >= budget:
             return
         batch_windows = max(1, cfg.batch_tokens // self.seq_len)
         hooks = sorted({s.hook for s in self.saes})
-        docs = iter_documents(corpus, cfg.split)
-        start_doc = 0
-        if self.last_window is not None:
-            start_doc = self.last_window[0]
-            docs = islice(docs, start_doc, None)
-        windows = iter_windows(docs, tokenizer, self.seq_len, start_doc=start_doc)
-        if self.last_window is not None:
-            last = self.last_window
+        docs = iter_shard_documents(corpus, cfg.split, self.ctx.rank, self.ctx.world)
+        last = self.last_window
+        if last is not None:
+            docs = dropwhile(lambda d: d[0] < last[0], docs)
+        windows = iter_indexed_windows(docs, tokenizer, self.seq_len)
+        if last is not None:
             windows = dropwhile(lambda w: (w.doc_id, w.pos0) <= last, windows)
-        bar = _progress(cfg.tokens, self.n_tokens, quiet)
+        bar = _progress(budget, self.n_tokens, quiet,
+                        "mining" if self.ctx.world == 1 else f"mining (rank 0 of {self.ctx.world})")
         since_save = 0
         try:
             for batch in iter_batches(windows, batch_windows, tokenizer.get_bos_token_id()):
-                left = None if cfg.tokens is None else cfg.tokens - self.n_tokens
+                left = None if budget is None else budget - self.n_tokens
                 n = self.process(model, hooks, batch, left)
                 self.last_window = (int(batch.doc_ids[-1]), int(batch.pos0[-1]))
                 bar.update(n)
                 since_save += n
-                if cfg.tokens is not None and self.n_tokens >= cfg.tokens:
+                if budget is not None and self.n_tokens >= budget:
                     break
-                # token-counted chunks: an interrupted and an uninterrupted run save (and fold
-                # sparse tables) at the same points, so they end bit-identical
                 if since_save >= cfg.chunk_tokens:
                     self.save(state_dir, fingerprint)
                     since_save = 0
@@ -375,33 +485,96 @@ class _Run:
         self.n_docs = max(self.n_docs, b.last_doc + 1)
         return b.n
 
+    # -------------------------------------------------------------- merging ranks
+
+    def counters(self) -> dict:
+        return {"n_tokens": self.n_tokens, "n_docs": self.n_docs,
+                "resumed_from": self.resumed_from, "pass_seconds": self.pass_seconds}
+
+    def merge_ranks(self) -> list[dict]:
+        """Rank 0 receives the other ranks' statistics, one rank and one SAE at a time (so it
+        holds its own state plus one SAE's of one other rank), and merges them into its own;
+        the other ranks send theirs. Returns every rank's counters (rank 0) or [its own]."""
+        ctx = self.ctx
+        if not ctx.enabled:
+            return [self.counters()]
+        if not ctx.is_main:
+            _send(self.counters())
+            _send(self.token_counts.state_dict())
+            for s in self.saes:
+                _send(self.stats[s.sae_id].state_dict())
+            return [self.counters()]
+        counters = [self.counters()]
+        for r in range(1, ctx.world):
+            counters.append(_recv(r))
+            other = TokenCounts(self.vocab_size, self.device)
+            other.load_state_dict(_recv(r))
+            self.token_counts.merge(other)
+            for s in self.saes:
+                other = self._new_stats(s)
+                other.load_state_dict(_recv(r))
+                self.stats[s.sae_id].merge(other)
+                del other
+        self.n_tokens = sum(c["n_tokens"] for c in counters)
+        self.n_docs = max(c["n_docs"] for c in counters)  # doc ids are global
+        return counters
+
+    # -------------------------------------------------------------- state
+
+    def state_file(self, state_dir: Path) -> Path:
+        return state_dir / f"rank{self.ctx.rank}-of-{self.ctx.world}.pt"
+
+    def _state_key(self, fingerprint: str) -> str:
+        """A state resumes only the same rank of a run of the same inputs and world size."""
+        return f"{fingerprint}/rank{self.ctx.rank}-of-{self.ctx.world}"
+
     def save(self, state_dir: Path, fingerprint: str) -> None:
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "n_tokens": self.n_tokens,
-                 "n_docs": self.n_docs, "last_window": self.last_window,
+        state = {"version": STATE_VERSION, "key": self._state_key(fingerprint),
+                 "n_tokens": self.n_tokens, "n_docs": self.n_docs, "last_window": self.last_window,
                  "token_counts": self.token_counts.state_dict(),
                  "stats": {k: v.state_dict() for k, v in self.stats.items()}}
         state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / "state.pt.tmp"
+        f = self.state_file(state_dir)
+        tmp = f.with_name(f.name + ".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, state_dir / "state.pt")
+        os.replace(tmp, f)
 
-    def load(self, state_dir: Path, fingerprint: str, force: bool) -> int:
-        """Load a saved state of the same inputs; returns the tokens it had mined (0: none)."""
-        f = state_dir / "state.pt"
+    def load(self, state_dir: Path, fingerprint: str, force: bool, quiet: bool) -> int:
+        """Load this rank's saved state of the same inputs; returns the tokens it had mined (0:
+        none). States of runs with another number of ranks cannot be resumed: dropped."""
+        f = self.state_file(state_dir)
+        stale = sorted(p for p in state_dir.glob("*.pt") if not p.name.endswith(f"-of-{self.ctx.world}.pt"))
+        if stale:
+            _log(quiet, f"{state_dir} holds the state of a run with another number of ranks "
+                        f"({', '.join(p.name for p in stale)}); this run has {self.ctx.world}, "
+                        f"so it starts over")
+            for p in stale:
+                p.unlink(missing_ok=True)
         if force or not f.exists():
             return 0
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception:  # a state from an older build or a truncated disk: start over
             return 0
-        if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
+        if state.get("version") != STATE_VERSION or state.get("key") != self._state_key(fingerprint):
             return 0
         self.token_counts.load_state_dict(state["token_counts"])
         for k, v in self.stats.items():
             v.load_state_dict(state["stats"][k])
         self.n_tokens, self.n_docs = int(state["n_tokens"]), int(state["n_docs"])
         self.last_window = tuple(state["last_window"]) if state["last_window"] else None
+        self.resumed_from = self.n_tokens
         return self.n_tokens
+
+
+def _send(obj) -> None:
+    dist.send_object_list([obj], dst=0)
+
+
+def _recv(rank: int):
+    box = [None]
+    dist.recv_object_list(box, src=rank)
+    return box[0]
 
 
 def _encode(sae, x: torch.Tensor):
@@ -471,9 +644,9 @@ class _Batch:
         return {"tokens": tokens, "acts": acts}
 
 
-def _progress(total, initial, quiet):
+def _progress(total, initial, quiet, desc: str = "mining"):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="mining",
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc,
                 dynamic_ncols=True, disable=quiet or not sys.stderr.isatty())
 
 
@@ -504,7 +677,7 @@ def _sae_tables(s: _Sae, run: _Run, model, tokenizer, vocab: L.Vocab,
 def _feature_table(st: SaeStats, labels: dict) -> pa.Table:
     count = st.moments.count.cpu().numpy()
     d = len(count)
-    total = st.moments.sum.cpu().numpy()
+    total = st.moments.total().cpu().numpy()
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     density = count / max(st.n_tokens, 1)
     flags = []
@@ -751,7 +924,7 @@ def _token_features(st: SaeStats, token_counts: TokenCounts, cfg: MineConfig) ->
 
 def _position_profile(st: SaeStats) -> pa.Table:
     p = st.positions
-    count, total, tokens = p.count.cpu().long(), p.sum.cpu(), p.tokens.cpu()
+    count, total, tokens = p.count.cpu().long(), p.total().cpu(), p.tokens.cpu()
     feat, bucket = count.nonzero(as_tuple=True)
     c = count[feat, bucket]
     return pa.table({
@@ -950,8 +1123,9 @@ def _store_is_current(store_path: Path, fingerprint: str, sae_ids: list[str]) ->
 # ----------------------------------------------------------------------------- provenance
 
 def _fingerprint(saes: list[_Sae], source, corpus_files: list[Path], seq_len: int,
-                 cfg: MineConfig) -> str:
-    """sha256 over everything that changes the store's content."""
+                 cfg: MineConfig, world: int) -> str:
+    """sha256 over everything that changes the store's content: with a token budget, the number
+    of ranks too (each mines its share from its own documents); over a whole split it does not."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("chunk_tokens", "force", "check_model")}
     parts = {
         "state_version": STATE_VERSION,
@@ -963,6 +1137,8 @@ def _fingerprint(saes: list[_Sae], source, corpus_files: list[Path], seq_len: in
         "corpus": [_file_hash(f) for f in corpus_files],
         "seq_len": seq_len, "settings": settings,
     }
+    if cfg.tokens is not None:
+        parts["ranks"] = world
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -1008,6 +1184,7 @@ def _meta(source, corpus: Path, corpus_files, seq_len: int, run: _Run, cfg: Mine
             "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
             "git_commit": _git_commit(),
             "fingerprint": fingerprint,
+            "ranks": run.ctx.world,
             "settings": {k: v for k, v in asdict(cfg).items() if k != "force"},
             "coactivation_skipped": coact_skipped,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,

@@ -90,14 +90,15 @@ class Layer:
 
 @dataclass(frozen=True)
 class TokenHtml:
-    """Every token's display text escaped once (markupsafe), bare and wrapped in <span>."""
+    """Every token's display text escaped once (markupsafe), bare and wrapped in <span>, the
+    latter also as an object array: fancy indexing it picks a window's spans in C."""
     text: list[str]
-    span: list[str]
+    span: np.ndarray  # object array of str
 
     @classmethod
     def from_vocab(cls, vocab: list[str]) -> "TokenHtml":
         text = [str(escape(t)) for t in vocab]
-        return cls(text, [f"<span>{t}</span>" for t in text])
+        return cls(text, np.asarray([f"<span>{t}</span>" for t in text], dtype=object))
 
 
 def layer_view(sae: site_data.SaeInfo, cols: dict) -> Layer:
@@ -193,7 +194,7 @@ def example_rows(examples: site_data.Examples, row_max: np.ndarray, tokens: Toke
     lengths = np.diff(offsets)
     known = (ids >= 0) & (ids < len(tokens.text))
     safe_ids = np.where(known, ids, 0)
-    parts = list(map(tokens.span.__getitem__, safe_ids.tolist()))
+    parts = tokens.span[safe_ids].tolist()
     unknown = {j: str(escape(f"\u27e8{ids[j]}\u27e9")) for j in np.flatnonzero(~known).tolist()}
     for j, text in unknown.items():  # ids the vocab lacks show as ⟨id⟩
         parts[j] = f"<span>{text}</span>"

@@ -2,16 +2,18 @@
 Mergeable streaming statistics for feature mining.
 
 Every statistic is updated batch by batch in memory that does not grow with the corpus, and two
-instances built on disjoint parts of a corpus `merge` into what one instance would have built on
-the whole: integer counts, maxima, top-k sets, samples and histograms exactly; float sums up to
-summation order. So a run can be checkpointed (`state_dict` / `load_state_dict`), resumed, or
-sharded across processes and merged.
+instances built on disjoint parts of a corpus `merge` into exactly what one instance would have
+built on the whole, bit for bit: counts, maxima, top-k sets, samples, histograms, and sums too
+(fixed point, see `to_fixed`). So a run can be checkpointed (`state_dict` / `load_state_dict`),
+resumed, or sharded across processes (torchrun ranks) and merged, and ends with the same numbers.
 
 Inputs are sparse: (group, value, key) triplets of the non-zero activations of a batch, where
 `group` is usually the latent index and `key` a 63-bit position id (doc_id << 32 | token_pos)
 that orders the corpus and identifies a token.
 
-- `FeatureMoments`: per-latent count, sum (float64), max and min of the non-zero activations.
+- `to_fixed` / `from_fixed`: sums of activations as integers (whole units and 2^-32 fractions),
+  so they do not depend on the order of the additions (float sums do, in their last bits).
+- `FeatureMoments`: per-latent count, sum, max and min of the non-zero activations.
 - `TopKSlots`: per group, the k best entries (ties to the smallest key), with fixed-shape
   payloads (token windows...) fetched only for entries that get in. Ranked by activation it is
   the exact top-k; ranked by a hash of the key it is a bottom-k *priority sample*: a uniform
@@ -77,20 +79,42 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+# ----------------------------------------------------------------------------- exact sums
+
+FIXED_FRAC_BITS = 32  # sums resolve 2^-32 (~2e-10); each value is rounded to that grid once
+
+
+def to_fixed(value: torch.Tensor) -> torch.Tensor:
+    """[n] values -> [n, 2] int64 (whole part, fraction in 2^-32 units): adding these rows is
+    integer addition, exact in any order or split (batches, resumes, ranks), which float sums are
+    not. The fraction column can hold 2^31 values (the token limit of every count here)."""
+    v = value.double()
+    whole = v.floor()
+    frac = torch.round(torch.ldexp(v - whole, torch.tensor(float(FIXED_FRAC_BITS), dtype=v.dtype,
+                                                          device=v.device)))
+    return torch.stack([whole.long(), frac.long()], -1)
+
+
+def from_fixed(total: torch.Tensor) -> torch.Tensor:
+    """[..., 2] fixed-point sums -> float64 (a function of the integers alone: deterministic)."""
+    return total[..., 0].double() + torch.ldexp(total[..., 1].double(), torch.tensor(
+        float(-FIXED_FRAC_BITS), dtype=torch.float64, device=total.device))
+
+
 # ----------------------------------------------------------------------------- moments
 
 class FeatureMoments:
-    """Count, sum, max and min of the non-zero activations of each latent."""
+    """Count, sum (fixed point), max and min of the non-zero activations of each latent."""
 
     def __init__(self, n: int, device="cpu"):
         self.count = torch.zeros(n, dtype=torch.int64, device=device)
-        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum = torch.zeros((n, 2), dtype=torch.int64, device=device)
         self.max = torch.zeros(n, dtype=torch.float32, device=device)
         self.min = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
 
     def update(self, group: torch.Tensor, value: torch.Tensor) -> None:
         self.count.index_add_(0, group, torch.ones_like(group))
-        self.sum.index_add_(0, group, value.double())
+        self.sum.index_add_(0, group, to_fixed(value))
         self.max.scatter_reduce_(0, group, value.float(), "amax")
         self.min.scatter_reduce_(0, group, value.float(), "amin")
 
@@ -99,6 +123,10 @@ class FeatureMoments:
         self.sum += other.sum
         self.max = torch.maximum(self.max, other.max)
         self.min = torch.minimum(self.min, other.min)
+
+    def total(self) -> torch.Tensor:
+        """Sum of each latent's activations (float64)."""
+        return from_fixed(self.sum)
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k).cpu() for k in ("count", "sum", "max", "min")}
@@ -450,9 +478,10 @@ def _count(flat: torch.Tensor, idx: torch.Tensor) -> None:
 
 class PairCounter:
     """
-    Exact count and float64 sum per (row, col) pair, e.g. (token, latent) for the reverse index.
+    Exact count and sum (fixed point) per (row, col) pair, e.g. (token, latent) for the reverse
+    index.
 
-    Dense tables when n_rows·n_cols·12 bytes fits `dense_bytes`; otherwise a sparse table of the
+    Dense tables when n_rows·n_cols·20 bytes fits `dense_bytes`; otherwise a sparse table of the
     pairs that occur (memory = distinct pairs, at most n_rows·n_cols, whatever the corpus size):
     updates are buffered and folded into a sorted key table with one sort per `fold_at` entries.
     """
@@ -460,14 +489,14 @@ class PairCounter:
     def __init__(self, n_rows: int, n_cols: int, dense_bytes: int = 256 << 20,
                  fold_at: int = 1 << 23, device="cpu"):
         self.n_rows, self.n_cols, self.fold_at, self.device = n_rows, n_cols, fold_at, device
-        self.dense = n_rows * n_cols * 12 <= dense_bytes
+        self.dense = n_rows * n_cols * 20 <= dense_bytes
         if self.dense:
             self.count = torch.zeros(n_rows * n_cols, dtype=torch.int32, device=device)
-            self.sum = torch.zeros(n_rows * n_cols, dtype=torch.float64, device=device)
+            self.sum = torch.zeros((n_rows * n_cols, 2), dtype=torch.int64, device=device)
         else:
             self.keys = torch.zeros(0, dtype=torch.int64, device=device)
             self.count = torch.zeros(0, dtype=torch.int64, device=device)
-            self.sum = torch.zeros(0, dtype=torch.float64, device=device)
+            self.sum = torch.zeros((0, 2), dtype=torch.int64, device=device)
             self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             self._pending_size = 0
 
@@ -475,9 +504,9 @@ class PairCounter:
         keys = row.long() * self.n_cols + col.long()
         if self.dense:
             self.count.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-            self.sum.index_add_(0, keys, value.double())
+            self.sum.index_add_(0, keys, to_fixed(value))
             return
-        self._pending.append((keys, torch.ones_like(keys), value.double()))
+        self._pending.append((keys, torch.ones_like(keys), to_fixed(value)))
         self._pending_size += keys.numel()
         if self._pending_size >= self.fold_at:
             self._fold()
@@ -488,13 +517,18 @@ class PairCounter:
         parts = [(self.keys, self.count, self.sum), *self._pending]
         uniq, inv = torch.unique(torch.cat([p[0] for p in parts]), return_inverse=True)
         self.count = torch.zeros_like(uniq).index_add_(0, inv, torch.cat([p[1] for p in parts]))
-        self.sum = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device).index_add_(
+        self.sum = torch.zeros((uniq.numel(), 2), dtype=torch.int64, device=uniq.device).index_add_(
             0, inv, torch.cat([p[2] for p in parts]))
         self.keys = uniq
         self._pending, self._pending_size = [], 0
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, count, sum) of every pair that occurred, keys ascending."""
+        """(keys, count, sum as float64) of every pair that occurred, keys ascending."""
+        keys, count, total = self._pairs()
+        return keys, count, from_fixed(total)
+
+    def _pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, count, fixed-point sum) of every pair that occurred, keys ascending."""
         if self.dense:
             keys = self.count.nonzero().squeeze(1)
             return keys, self.count[keys].long(), self.sum[keys]
@@ -502,7 +536,7 @@ class PairCounter:
         return self.keys, self.count, self.sum
 
     def merge(self, other: "PairCounter") -> None:
-        keys, count, total = other.table()
+        keys, count, total = other._pairs()
         if self.dense:
             self.count.index_add_(0, keys, count.to(torch.int32))
             self.sum.index_add_(0, keys, total)
@@ -511,19 +545,20 @@ class PairCounter:
             self._fold()
 
     def top_per_row(self, n_top: int) -> dict[str, torch.Tensor]:
-        """Per row, the n_top columns by count (ties: the smaller column)."""
-        keys, count, total = self.table()
+        """Per row, the n_top columns by count (ties: the smaller column), with their count and
+        float64 sum."""
+        keys, count, total = self._pairs()
         row, col = keys // self.n_cols, keys % self.n_cols
         # keys ascend, so within a row columns ascend: one stable sort by (row, -count)
         composite = row * (int(count.max()) + 1 if count.numel() else 1) - count
         perm = torch.argsort(composite, stable=True)
         rank = ranks_within(row[perm], self.n_rows)
         keep = perm[rank < n_top]
-        return {"row": row[keep], "col": col[keep], "count": count[keep], "sum": total[keep],
-                "rank": rank[rank < n_top]}
+        return {"row": row[keep], "col": col[keep], "count": count[keep],
+                "sum": from_fixed(total[keep]), "rank": rank[rank < n_top]}
 
     def state_dict(self) -> dict:
-        keys, count, total = self.table()
+        keys, count, total = self._pairs()
         return {"keys": keys.cpu(), "count": count.cpu(), "sum": total.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -549,7 +584,7 @@ class PositionProfile:
 
     def __init__(self, n: int, device="cpu"):
         self.count = torch.zeros((n, self.N_BUCKETS), dtype=torch.int32, device=device)
-        self.sum = torch.zeros((n, self.N_BUCKETS), dtype=torch.float64, device=device)
+        self.sum = torch.zeros((n, self.N_BUCKETS, 2), dtype=torch.int64, device=device)
         self.tokens = torch.zeros(self.N_BUCKETS, dtype=torch.int64, device=device)
 
     @classmethod
@@ -562,13 +597,17 @@ class PositionProfile:
         """(group, bucket, value) per non-zero activation; token_buckets: every mined token's."""
         flat = group * self.N_BUCKETS + bucket
         self.count.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.int32, device=flat.device))
-        self.sum.view(-1).index_add_(0, flat, value.double())
+        self.sum.view(-1, 2).index_add_(0, flat, to_fixed(value))
         self.tokens += torch.bincount(token_buckets, minlength=self.N_BUCKETS)
 
     def merge(self, other: "PositionProfile") -> None:
         self.count += other.count
         self.sum += other.sum
         self.tokens += other.tokens
+
+    def total(self) -> torch.Tensor:
+        """[n, N_BUCKETS] activation sums (float64)."""
+        return from_fixed(self.sum)
 
     def state_dict(self) -> dict:
         return {"count": self.count.cpu(), "sum": self.sum.cpu(), "tokens": self.tokens.cpu()}

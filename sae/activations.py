@@ -23,6 +23,10 @@ Notable choices:
   token ids, each file written atomically. It is keyed by a fingerprint of model, corpus, split,
   window length and N, so repeated sweeps reuse it; hooks missing from an existing cache are added.
   A stream over the cache shuffles in generations exactly like the model-backed stream.
+- Under torchrun each rank streams a disjoint share (`rank`, `world`): of the corpus, the parquet
+  row groups (or text documents) g with g % world == rank (nanochat's striding), positions still
+  in global document ids; of a cache, the contiguous rank-th 1/world of its tokens. A rank's
+  stream is an ordinary stream of its share, with its own shuffle buffer and resumable state.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from nanochat.common import autocast, compute_dtype
-from nanochat.dataset import iter_batches, iter_documents, iter_windows, list_corpus_files
+from nanochat.dataset import iter_batches, iter_indexed_windows, iter_shard_documents, list_corpus_files
 from sae.hooks import parse_hook_name, run_with_capture
 
 STATE_VERSION = 1
@@ -195,12 +198,14 @@ def _mix_seed(seed: int, index: int) -> int:
 
 
 def corpus_stream(model, tokenizer, corpus, cfg: StreamConfig, device=None,
-                  log: Callable[[str], None] | None = None) -> ActivationStream:
-    """A shuffled stream of `model`'s activations on the `cfg.split` documents of `corpus`."""
+                  log: Callable[[str], None] | None = None, rank: int = 0,
+                  world: int = 1) -> ActivationStream:
+    """A shuffled stream of `model`'s activations on the `cfg.split` documents of `corpus`
+    (rank `rank`'s share of them when `world` > 1)."""
     device = torch.device(device) if device is not None else model.get_device()
     source = CorpusActivations(model, tokenizer, corpus, cfg.hook_names, split=cfg.split,
                                seq_len=cfg.seq_len, forward_windows=cfg.forward_windows,
-                               device=device, log=log)
+                               device=device, log=log, rank=rank, world=world)
     bytes_per_token = sum(source.dims.values()) * _BYTES_PER_DTYPE[source.dtype]
     buffer_tokens = cfg.resolve_buffer_tokens(bytes_per_token)
     source.allocate(buffer_tokens)
@@ -208,11 +213,13 @@ def corpus_stream(model, tokenizer, corpus, cfg: StreamConfig, device=None,
 
 
 def cached_stream(cache: "ActivationCache", cfg: StreamConfig, device="cpu",
-                  log: Callable[[str], None] | None = None) -> ActivationStream:
-    """A shuffled stream over an on-disk cache (see `build_cache`)."""
-    source = CachedActivations(cache, cfg.hook_names, torch.device(device), log=log)
+                  log: Callable[[str], None] | None = None, rank: int = 0,
+                  world: int = 1) -> ActivationStream:
+    """A shuffled stream over an on-disk cache (see `build_cache`), or rank `rank`'s share of it."""
+    source = CachedActivations(cache, cfg.hook_names, torch.device(device), log=log, rank=rank,
+                               world=world)
     bytes_per_token = sum(source.dims.values()) * 4
-    buffer_tokens = min(cfg.resolve_buffer_tokens(bytes_per_token), cache.n_tokens)
+    buffer_tokens = min(cfg.resolve_buffer_tokens(bytes_per_token), source.end - source.start)
     return ActivationStream(source, cfg, buffer_tokens, log=log)
 
 
@@ -224,12 +231,13 @@ class CorpusActivations:
     """
     Runs the model over BOS-aligned windows of a corpus split and keeps the valid tokens.
     A position is [pass, document index, document position of the next window's first token];
-    positions past a document's end simply move on to the next document.
+    positions past a document's end simply move on to the next document. With `world` > 1 only
+    rank `rank`'s share of the documents is read (document indices stay those of the whole split).
     """
 
     def __init__(self, model, tokenizer, corpus, hook_names: list[str], split: str = "train",
                  seq_len: int | None = None, forward_windows: int = 8, device=None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, rank: int = 0, world: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = Path(corpus)
@@ -246,6 +254,9 @@ class CorpusActivations:
         self.dtype = compute_dtype(self.device)
         self.log = log if log is not None else _log_stderr
         self.bos = tokenizer.get_bos_token_id()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
+        self.rank, self.world = rank, world
         self._buffers: dict[str, torch.Tensor] | None = None
         self._capacity = 0
         self._live: tuple[list, Iterator] | None = None  # (position it is at, window iterator)
@@ -254,8 +265,9 @@ class CorpusActivations:
         return [0, 0, 1]
 
     def fingerprint(self) -> dict:
-        return {"kind": "corpus", "corpus": str(self.corpus.resolve()), "split": self.split,
-                "seq_len": self.seq_len}
+        fp = {"kind": "corpus", "corpus": str(self.corpus.resolve()), "split": self.split,
+              "seq_len": self.seq_len}
+        return fp if self.world == 1 else {**fp, "rank": self.rank, "world": self.world}
 
     def allocate(self, buffer_tokens: int) -> None:
         """Preallocate the buffer: buffer_tokens plus the overshoot of one forward batch."""
@@ -290,8 +302,12 @@ class CorpusActivations:
                     break
             if not group:  # this pass is over: cycle
                 if full_pass and not seen:
+                    share = "" if self.world == 1 else (
+                        f", in the share of rank {self.rank} of {self.world} (parquet row groups, "
+                        f"or text documents, are dealt to ranks in turn: the split needs at least "
+                        f"{self.world} of them; use fewer ranks or a larger corpus)")
                     raise ValueError(f"corpus {self.corpus} ({self.split} split) has no tokens "
-                                     f"besides BOS: nothing to train on")
+                                     f"besides BOS{share}: nothing to train on")
                 position = [position[0] + 1, 0, 1]
                 _log_cycle(self.log, f"corpus {self.corpus} ({self.split} split)", position[0])
                 windows = self._windows_from(position)
@@ -309,18 +325,20 @@ class CorpusActivations:
 
     def _windows_from(self, position: list):
         _, doc, pos0 = position
-        docs = islice(iter_documents(self.corpus, self.split), doc, None)
-        for w in iter_windows(docs, self.tokenizer, self.seq_len, start_doc=doc):
+        docs = ((i, text) for i, text in iter_shard_documents(self.corpus, self.split, self.rank,
+                                                                self.world) if i >= doc)
+        for w in iter_indexed_windows(docs, self.tokenizer, self.seq_len):
             if w.doc_id == doc and w.pos0 < pos0:
                 continue
             yield w
 
 
 class CachedActivations:
-    """Reads contiguous token ranges of an ActivationCache, wrapping around at its end."""
+    """Reads contiguous token ranges of an ActivationCache, wrapping around at its end; with
+    `world` > 1, of the rank-th contiguous 1/world of its tokens."""
 
     def __init__(self, cache: "ActivationCache", hook_names: list[str], device,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, rank: int = 0, world: int = 1):
         missing = [n for n in hook_names if n not in cache.hooks]
         if missing:
             raise KeyError(f"activation cache {cache.path} has no {missing}; it holds "
@@ -330,21 +348,33 @@ class CachedActivations:
         self.dims = {n: cache.hooks[n]["d"] for n in hook_names}
         self.device = device
         self.log = log if log is not None else _log_stderr
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
+        N = cache.n_tokens
+        self.rank, self.world = rank, world
+        self.start, self.end = rank * N // world, (rank + 1) * N // world
+        if self.end <= self.start:
+            raise ValueError(f"activation cache {cache.path} holds {N} tokens: too few to give each "
+                             f"of {world} ranks a share")
 
     def start_position(self) -> list:
-        return [0, 0]  # [pass, token offset]
+        return [0, self.start]  # [pass, token offset]
 
     def fingerprint(self) -> dict:
-        return {"kind": "cache", "cache": self.cache.key}
+        fp = {"kind": "cache", "cache": self.cache.key}
+        return fp if self.world == 1 else {**fp, "rank": self.rank, "world": self.world}
 
     def read(self, start: list, min_tokens: int):
         cycle, offset = start
-        N = self.cache.n_tokens
+        N = self.end
         pieces, n = [], 0
         while n < min_tokens:
-            if offset == N:  # more is needed than the cache holds: cycle
-                cycle, offset = cycle + 1, 0
-                _log_cycle(self.log, f"activation cache {self.cache.path} ({N:,} tokens)", cycle)
+            if offset == N:  # more is needed than the share holds: cycle
+                cycle, offset = cycle + 1, self.start
+                what = f"activation cache {self.cache.path} ({self.cache.n_tokens:,} tokens)" \
+                    if self.world == 1 else (f"rank {self.rank}'s share of activation cache "
+                                             f"{self.cache.path} ({N - self.start:,} tokens)")
+                _log_cycle(self.log, what, cycle)
             take = min(min_tokens - n, N - offset)
             pieces.append((offset, offset + take))
             n, offset = n + take, offset + take

@@ -17,6 +17,13 @@ Notable choices:
   dominated by them: each is min(its default, max(one batch, tokens / 8)).
 - The default shuffle buffer is as many tokens as `buffer_mb` holds, at most 2^22, and at most a
   quarter of the stream, so even a short run mixes several generations.
+- Under torchrun (`ctx` from `nanochat.distributed.init_distributed`) every rank forwards its own
+  share of the corpus (row-group striding) with batch_size/world tokens per step; `batch_size`,
+  `tokens` and the buffer rule's stream size stay global, the buffer memory is per rank.
+  Data-parallel by default (every rank holds every SAE); `layer_parallel` gives each rank the SAEs of
+  a block of layers and sends it those layers' activations of the global batch (sae/distributed.py).
+  Rank 0 resolves the model first (so a demo build or download happens once), builds any
+  activation cache, prints, and runs the spliced evaluation; all ranks return the same RunResult.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from typing import Callable
 import torch
 
 from nanochat.common import autodetect_device, get_atlas_cache_dir
-from sae.activations import (StreamConfig, build_cache, cached_stream, corpus_stream, hook_dims,
-                             model_fingerprint)
+from nanochat.distributed import DistContext, agree
+from sae.activations import (ActivationCache, StreamConfig, build_cache, cached_stream, corpus_stream,
+                             hook_dims, model_fingerprint)
 from sae.config import ARCHITECTURES, SAEConfig, TrainConfig
+from sae.distributed import LayerExchange, broadcast_object, local_batch_size, owned_range
 from sae.evaluator import EvalConfig, evaluate_saes, write_eval_json
 from sae.hooks import HOOK_KINDS, hook_name, parse_hook_name
 
@@ -66,6 +75,7 @@ class RunConfig:
     eval_tokens: int | None = None  # val-split tokens for the spliced evaluation (0: skip); None: 16k CPU, 1M CUDA
     seed: int = 0
     quiet: bool = False
+    layer_parallel: bool = False  # under torchrun: each rank trains some layers' SAEs (else data-parallel)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -91,16 +101,20 @@ class RunResult:
     cache_dir: Path | None
 
 
-def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None = None) -> RunResult:
-    """Train one SAE per layer on one stream, export, evaluate. `source`: a loaded ModelSource."""
-    from nanochat.model_source import resolve_corpus, resolve_model
-    say = (lambda msg: None) if cfg.quiet else (log or _print_stderr)
-    device = autodetect_device(cfg.device)
+def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None = None,
+                 ctx: DistContext | None = None) -> RunResult:
+    """Train one SAE per layer on one stream, export, evaluate. `source`: a loaded ModelSource;
+    `ctx`: this rank under torchrun (None: a single process on cfg.device)."""
+    from nanochat.model_source import resolve_corpus
+    ctx = ctx if ctx is not None else DistContext(device=autodetect_device(cfg.device))
+    say = (lambda msg: None) if cfg.quiet or not ctx.is_main else (log or _print_stderr)
+    device = ctx.device
     on_gpu = device.type == "cuda"
     tokens = cfg.tokens or (50_000_000 if on_gpu else 500_000)
     eval_tokens = cfg.eval_tokens if cfg.eval_tokens is not None else (1 << 20 if on_gpu else 16_384)
+    local_batch = local_batch_size(cfg.batch_size, ctx)
     if source is None:
-        source = resolve_model(cfg.checkpoint, device, quiet=cfg.quiet)
+        source = _resolve_model_in_turn(cfg, device, ctx)
     model, tokenizer = source.model, source.tokenizer
     corpus = resolve_corpus(source, cfg.data)
     n_layer = model.config.n_layer
@@ -110,6 +124,9 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
         parse_hook_name(h, n_layer)  # clear error naming the valid layers
     if len(set(hooks)) != len(hooks):
         raise ValueError(f"layers {layers} repeat a layer")
+    layer_parallel = cfg.layer_parallel and ctx.enabled
+    if layer_parallel:
+        owned_range(len(hooks), ctx)  # at least one layer per rank, or a clear error
     dims = hook_dims(model, hooks)
     seq_len = int(cfg.seq_len or model.config.sequence_len)
 
@@ -117,9 +134,10 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
     train_cfg = _train_config(cfg, tokens, device)
     stream_tokens = stream_token_budget(train_cfg)
     bytes_per_token = sum(dims.values()) * 4
-    buffer_tokens = cfg.buffer_tokens or max(cfg.batch_size, min(
-        int(cfg.buffer_mb * 2**20) // bytes_per_token, MAX_DEFAULT_BUFFER_TOKENS, stream_tokens // 4))
-    stream_cfg = StreamConfig(hooks, batch_size=cfg.batch_size, buffer_tokens=buffer_tokens,
+    buffer_tokens = cfg.buffer_tokens or max(local_batch, min(
+        int(cfg.buffer_mb * 2**20) // bytes_per_token, MAX_DEFAULT_BUFFER_TOKENS,
+        stream_tokens // (4 * ctx.world)))
+    stream_cfg = StreamConfig(hooks, batch_size=local_batch, buffer_tokens=buffer_tokens,
                               seq_len=seq_len, forward_windows=cfg.forward_windows, split="train",
                               seed=cfg.seed)
     out = Path(cfg.out)
@@ -133,37 +151,84 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
         f"init/calibration/held-out per SAE, batch {cfg.batch_size}, lr "
         f"{train_cfg.resolve_lr(sae_cfgs[0].d_sae):.3g}, shuffle buffer {buffer_tokens:,} tokens, "
         f"window {seq_len}, device {device}")
+    if ctx.enabled:
+        say(f"ranks:   {ctx.world}, {'layer' if layer_parallel else 'data'}-parallel; each forwards "
+            f"{local_batch} tokens per step of its share of the corpus")
     say(f"output:  {out}" + (" (resuming)" if cfg.resume else ""))
 
     cache_path = None
     if cfg.cache_activations:
-        root = Path(cfg.cache_dir) if cfg.cache_dir else get_atlas_cache_dir() / "activations"
-        cache = build_cache(model, tokenizer, corpus, hooks, stream_tokens, root,
-                            model_fingerprint(source.checkpoint_dir, source.step, source.model_id),
-                            split="train", seq_len=seq_len, dtype=cfg.cache_dtype,
-                            forward_windows=cfg.forward_windows, device=device, quiet=cfg.quiet,
-                            log=say)
-        cache_path = cache.path
-        stream = cached_stream(cache, stream_cfg, device=device, log=say)
+        cache_path = _cache_in_turn(cfg, source, corpus, hooks, stream_tokens, seq_len, device, ctx, say)
+        stream = cached_stream(ActivationCache(cache_path), stream_cfg, device=device, log=say,
+                               rank=ctx.rank, world=ctx.world)
     else:
-        stream = corpus_stream(model, tokenizer, corpus, stream_cfg, device=device, log=say)
+        stream = corpus_stream(model, tokenizer, corpus, stream_cfg, device=device, log=say,
+                               rank=ctx.rank, world=ctx.world)
+    if layer_parallel:
+        stream = LayerExchange(stream, hooks, ctx)
 
     from sae.trainer import train_saes
-    saes = train_saes(sae_cfgs, train_cfg, stream, out, resume=cfg.resume)
-    sae_dirs = {s.cfg.hook_name: out / s.cfg.folder_name for s in saes}
+    saes = train_saes(sae_cfgs, train_cfg, stream, out, resume=cfg.resume, ctx=ctx,
+                      layer_parallel=layer_parallel)
+    sae_dirs = {c.hook_name: out / c.folder_name for c in sae_cfgs}
 
+    # the spliced evaluation runs on rank 0, which holds every SAE; the others wait for its result
     evals: dict[str, dict] = {}
-    if eval_tokens > 0:
-        results = evaluate_saes(model, tokenizer, corpus, saes,
-                                EvalConfig(n_tokens=eval_tokens, seq_len=seq_len), device=device,
-                                quiet=cfg.quiet)
-        for sae, r in zip(saes, results):
-            write_eval_json(sae_dirs[sae.cfg.hook_name], r)
-            evals[sae.cfg.hook_name] = r
+    error = None
+    if eval_tokens > 0 and ctx.is_main:
+        try:
+            results = evaluate_saes(model, tokenizer, corpus, saes,
+                                    EvalConfig(n_tokens=eval_tokens, seq_len=seq_len), device=device,
+                                    quiet=cfg.quiet)
+            for sae, r in zip(saes, results):
+                write_eval_json(sae_dirs[sae.cfg.hook_name], r)
+                evals[sae.cfg.hook_name] = r
+        except Exception as e:
+            error = e
+    agree(ctx, error)
+    evals = broadcast_object(evals, ctx, "sharing the evaluation")
     result = RunResult(out, sae_dirs, evals, source.describe(), Path(corpus), cache_path)
     for line in summary_lines(result):
         say(line)
     return result
+
+
+def _resolve_model_in_turn(cfg: RunConfig, device, ctx: DistContext):
+    """Rank 0 resolves the model first (a demo build happens once, a bad --checkpoint fails on every
+    rank alike), then the others load it."""
+    from nanochat.model_source import resolve_model
+    source, error = None, None
+    if ctx.is_main:
+        try:
+            source = resolve_model(cfg.checkpoint, device, quiet=cfg.quiet)
+        except Exception as e:
+            error = e
+    agree(ctx, error)
+    if not ctx.is_main:
+        try:
+            source = resolve_model(cfg.checkpoint, device, quiet=True)
+        except Exception as e:
+            error = e
+    agree(ctx, error)
+    return source
+
+
+def _cache_in_turn(cfg: RunConfig, source, corpus, hooks, stream_tokens, seq_len, device, ctx, say) -> Path:
+    """Rank 0 builds (or reuses) the activation cache of the whole stream; every rank gets its path
+    and reads its share of it (so the cache must sit on a filesystem every rank sees)."""
+    path, error = None, None
+    if ctx.is_main:
+        try:
+            root = Path(cfg.cache_dir) if cfg.cache_dir else get_atlas_cache_dir() / "activations"
+            path = build_cache(source.model, source.tokenizer, corpus, hooks, stream_tokens, root,
+                               model_fingerprint(source.checkpoint_dir, source.step, source.model_id),
+                               split="train", seq_len=seq_len, dtype=cfg.cache_dtype,
+                               forward_windows=cfg.forward_windows, device=device, quiet=cfg.quiet,
+                               log=say).path
+        except Exception as e:
+            error = e
+    agree(ctx, error)
+    return Path(broadcast_object(str(path) if path else None, ctx, "sharing the cache path"))
 
 
 def default_layers(n_layer: int) -> list[int]:

@@ -15,12 +15,29 @@ that are not trained on) → train → calibrate BatchTopK thresholds on held-ou
 further held-out tokens → export each SAE to OUT/<name>/ (cfg.json, sae_weights.safetensors,
 sparsity.safetensors, eval.json, training_state.pt). Resumable state lives in OUT/checkpoint.pt
 (written atomically every `checkpoint_every` steps, after init and at the end of training): weights,
-Adam moments, dead counters, BatchTopK θ-EMA, input scales, generator state, step/tokens and the
+Adam moments, dead counters, BatchTopK θ-EMA, input scales, generator states, step/tokens and the
 data position. Per-step recipe: unit-norm decoder rows with the parallel gradient projected out,
 Adam with warmup and linear decay (schedule by tokens), grad-norm clipping, AuxK on latents dead for
-`dead_tokens`, optional Anthropic resampling at `resample_steps`.
+`dead_tokens`, optional Anthropic resampling at `resample_steps`. Each SAE draws its init and its
+resampling choices from its own generator, seeded by (seed, folder name), so an SAE trains the same
+whichever other SAEs share the stream or the process.
+
+Under torchrun (`ctx` with world > 1; see sae/distributed.py for the collectives):
+- data-parallel (default): `batches` yields this rank's batch_size/world rows of every global batch
+  (rank r's rows are rows [r·b, (r+1)·b) of it). Statistics, gradients, BatchTopK selection and
+  threshold calibration are reduced over the ranks, so every rank holds the SAEs one process would
+  train on the global batches. Rank 0 alone prints, writes the log, checkpoints (with every rank's
+  data position) and exports.
+- layer-parallel: `batches` yields global batches of the hooks this rank owns
+  (sae.distributed.LayerExchange) and the rank trains cfgs[owned_range]. Rank 0 gathers the SAE
+  states into the one checkpoint; each rank exports its own SAEs; rank 0 returns all of them.
+A checkpoint records the world size and mode; resuming it under another one is refused. Ranks meet
+(`nanochat.distributed.agree`) after reading the checkpoint and after exporting, so a failure there
+raises the same RankFailure on every rank; a failure inside a collective surfaces as a RankFailure
+on the surviving ranks.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -32,17 +49,21 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from nanochat.distributed import DistContext, agree, rank_slice
 from sae.config import SAEConfig, TrainConfig
+from sae.distributed import (all_gather_cat, all_reduce_, average_gradients, data_parallel_loss, gather_objects,
+                             local_batch_size, owned_range, scatter_objects)
 from sae.io import atomic_write_bytes, save_sae, save_sparsify, torch_bytes
-from sae.metrics import SAEMetrics, decoder_max_cosine, fvu, log_density_histogram
+from sae.metrics import SAEMetrics, decoder_max_cosine, log_density_histogram
 from sae.models import SAE, BatchTopKSAE, LossContext, StepOut, build_sae
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 # settings that may change between a run and its resume without changing the math
 _RESUME_FREE = {"quiet", "log_every", "checkpoint_every", "device", "calibration_tokens", "eval_tokens",
                 "export_sparsify"}
+SINGLE = DistContext()  # the reductions of a lone process: no-ops
 
 
 @dataclass
@@ -53,42 +74,57 @@ class SAERun:
     lr: float
     tokens_since_fired: torch.Tensor  # [d_sae] int64
     data_stats: dict
+    gen: torch.Generator  # init and resampling draws of this SAE
 
 
 def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[dict], out_dir,
-               resume: bool = False) -> list[SAE]:
-    """Train one SAE per config on the shared stream; returns the exported (inference-form) SAEs."""
+               resume: bool = False, ctx: DistContext | None = None, layer_parallel: bool = False) -> list[SAE]:
+    """Train one SAE per config on the shared stream; returns the exported (inference-form) SAEs.
+
+    `ctx`: this rank under torchrun (None: a single process). Under layer-parallelism only rank 0's
+    list holds every SAE; the other ranks return the SAEs they trained."""
+    ctx = ctx if ctx is not None else replace(SINGLE, device=torch.device(train_cfg.device))
     out = Path(out_dir)
     names = [c.folder_name for c in cfgs]
     if len(set(names)) != len(names):
         raise ValueError(f"train_saes: SAE folder names must be unique, got {names}; set SAEConfig.name")
+    layer_parallel = layer_parallel and ctx.enabled
+    sync = SINGLE if layer_parallel or not ctx.enabled else ctx  # what the SAE math reduces over
+    lo, hi = owned_range(len(cfgs), ctx) if layer_parallel else (0, len(cfgs))
+    local_b = local_batch_size(train_cfg.batch_size, sync)
     ckpt_path = out / CHECKPOINT_FILE
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass resume=True to continue that run, or use another out_dir")
-    say = (lambda msg: None) if train_cfg.quiet else (lambda msg: print(msg, file=sys.stderr))
+    say = (lambda msg: None) if train_cfg.quiet or not ctx.is_main else (lambda msg: print(msg, file=sys.stderr))
     device = torch.device(train_cfg.device)
-    gen = torch.Generator().manual_seed(train_cfg.seed)
     t_start = time.time()
 
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        runs = _restore(ckpt, cfgs, train_cfg, device, gen, ckpt_path)
-        step, tokens, consumed, wall = ckpt["step"], ckpt["tokens"], ckpt["batches_consumed"], ckpt["wall_s"]
-        it = _resume_stream(batches, ckpt, say)
+    # rank 0 reads the checkpoint (it alone writes it) and deals every rank its share
+    parts, error = [None] * ctx.world, None
+    if ctx.is_main:
+        try:
+            parts = _deal_checkpoint(ckpt_path, resume, cfgs, train_cfg, ctx, layer_parallel, say)
+        except Exception as e:  # every rank must hear of it, not wait in the next collective
+            error = e
+    agree(ctx, error)
+    part = scatter_objects(parts, ctx, "loading the checkpoint")
+
+    if part is not None:
+        runs = [_restore_run(entry, train_cfg, device) for entry in part["saes"]]
+        step, tokens, consumed, wall = part["step"], part["tokens"], part["batches_consumed"], part["wall_s"]
+        it = _resume_stream(batches, part, say)
         say(f"resuming {out} at step {step} ({tokens:,} tokens)")
     else:
-        if resume:
-            say(f"no checkpoint in {out}: starting a fresh run")
         it = iter(batches)
-        runs = [new_run(cfg, train_cfg, device, gen) for cfg in cfgs]
-        consumed = _init_from_data(runs, it, train_cfg, device)
+        runs = [new_run(cfg, train_cfg, device) for cfg in cfgs[lo:hi]]
+        consumed = _init_from_data(runs, it, train_cfg, device, sync)
         step, tokens, wall = 0, 0, 0.0
-        _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
-    _truncate_log(out / LOG_FILE, step)
+        _save_checkpoint(ckpt_path, runs, train_cfg, batches, step, tokens, consumed, wall, ctx, layer_parallel)
+    if ctx.is_main:
+        _truncate_log(out / LOG_FILE, step)
 
     dead_tokens = train_cfg.resolve_dead_tokens()
     bar = tqdm(total=train_cfg.total_tokens, initial=min(tokens, train_cfg.total_tokens), unit="tok",
-               unit_scale=True, disable=True if train_cfg.quiet else None, desc="train SAEs", dynamic_ncols=True)
+               unit_scale=True, disable=True if train_cfg.quiet or not ctx.is_main else None,
+               desc="train SAEs", dynamic_ncols=True)
     while tokens < train_cfg.total_tokens:
         try:
             batch = next(it)
@@ -97,44 +133,56 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
             break
         consumed += 1
         xs = [_hook_batch(batch, r.sae.cfg.hook_name, device) for r in runs]
-        B = xs[0].shape[0]
-        if any(x.shape[0] != B for x in xs):
+        b = xs[0].shape[0]
+        if any(x.shape[0] != b for x in xs):
             raise ValueError(f"batch {consumed}: hooks yield different token counts {[x.shape[0] for x in xs]}")
+        if sync.enabled and b != local_b:
+            raise ValueError(f"batch {consumed}: rank {sync.rank} got {b} tokens; data-parallel training needs "
+                             f"batch_size/world = {train_cfg.batch_size}/{sync.world} = {local_b} on every rank")
         logs = []
         for r, x in zip(runs, xs):
             x = x * r.sae.cfg.input_scale
-            res = train_step(r, x, train_cfg, tokens, dead_tokens)
+            res = train_step(r, x, train_cfg, tokens, dead_tokens, sync)
             if (step + 1) % train_cfg.log_every == 0:
                 logs.append((r, x, res))
         step += 1
-        tokens += B
-        bar.update(min(B, train_cfg.total_tokens - bar.n))
+        tokens += b * sync.world
+        bar.update(min(b * sync.world, train_cfg.total_tokens - bar.n))
         if step in train_cfg.resample_steps:
             for r, x in zip(runs, xs):
-                n = _resample_dead(r, x * r.sae.cfg.input_scale, dead_tokens, gen)
+                pool = all_gather_cat(x * r.sae.cfg.input_scale, sync, "resampling")  # the global batch
+                n = _resample_dead(r, pool, dead_tokens, r.gen)
                 say(f"step {step}: resampled {n} dead latents of {r.sae.cfg.folder_name}")
         if logs:
-            _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens)
+            _log_step(out / LOG_FILE, bar, step, tokens, logs, dead_tokens, ctx, sync)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed,
-                             wall + time.time() - t_start)
+            _save_checkpoint(ckpt_path, runs, train_cfg, batches, step, tokens, consumed,
+                             wall + time.time() - t_start, ctx, layer_parallel)
     bar.close()
     wall += time.time() - t_start
-    _save_checkpoint(ckpt_path, runs, train_cfg, batches, gen, step, tokens, consumed, wall)
+    _save_checkpoint(ckpt_path, runs, train_cfg, batches, step, tokens, consumed, wall, ctx, layer_parallel)
 
     # held-out phases: the stream continues past the training tokens
-    thresholds = _calibrate_thresholds(runs, it, train_cfg, device, say)
-    evals = _evaluate(runs, it, train_cfg, device, say)
-    exported = []
-    for r, ev in zip(runs, evals):
-        exported.append(_export(r, ev, thresholds, train_cfg, out, step, tokens, wall, dead_tokens))
-    say(f"wrote {len(exported)} SAE folder(s) under {out}")
+    thresholds = _calibrate_thresholds(runs, it, train_cfg, device, say, sync)
+    evals = _evaluate(runs, it, train_cfg, device, say, sync)
+    writes = ctx.is_main or layer_parallel  # data-parallel ranks hold identical SAEs: rank 0 writes them
+    exported, error = [], None
+    try:
+        for r, ev in zip(runs, evals):
+            exported.append(_export(r, ev, thresholds, train_cfg, out, step, tokens, wall, dead_tokens, writes))
+    except Exception as e:
+        error = e
+    agree(ctx, error)
+    if layer_parallel:
+        exported = _gather_saes(exported, ctx, device)
+    say(f"wrote {len(cfgs)} SAE folder(s) under {out}")
     return exported
 
 
-def train_sae(cfg: SAEConfig, train_cfg: TrainConfig, batches: Iterable, out_dir, resume: bool = False) -> SAE:
+def train_sae(cfg: SAEConfig, train_cfg: TrainConfig, batches: Iterable, out_dir, resume: bool = False,
+              ctx: DistContext | None = None) -> SAE:
     """Single-SAE convenience: batches may yield plain tensors [B, d_in] or {hook_name: tensor} dicts."""
-    return train_saes([cfg], train_cfg, _AsDicts(batches, cfg.hook_name), out_dir, resume)[0]
+    return train_saes([cfg], train_cfg, _AsDicts(batches, cfg.hook_name), out_dir, resume, ctx)[0]
 
 
 class _AsDicts:
@@ -153,40 +201,55 @@ class _AsDicts:
         raise AttributeError(name)
 
 
-def train_step(r: SAERun, x: torch.Tensor, train_cfg: TrainConfig, tokens_seen: int, dead_tokens: int) -> StepOut:
-    """One optimizer step of one SAE on a normalised batch x [B, d_in] (the trainer's inner loop)."""
+def train_step(r: SAERun, x: torch.Tensor, train_cfg: TrainConfig, tokens_seen: int, dead_tokens: int,
+               sync: DistContext = SINGLE) -> StepOut:
+    """One optimizer step of one SAE on a normalised batch x [B, d_in] (the trainer's inner loop).
+    Under data-parallelism x is this rank's share and `sync` the group the step reduces over."""
     for group in r.optimizer.param_groups:
         group["lr"] = r.lr * train_cfg.lr_factor(tokens_seen)
     ctx = LossContext(dead=r.tokens_since_fired >= dead_tokens,
                       sparsity_coef=r.sae.cfg.resolved_l1_coefficient * train_cfg.sparsity_factor(tokens_seen),
                       auxk_alpha=train_cfg.auxk_alpha, sparse=train_cfg.sparse_kernels)
-    res = r.sae.training_loss(x, ctx)
+    res = data_parallel_loss(r.sae, x, ctx, sync) if sync.enabled else r.sae.training_loss(x, ctx)
     r.optimizer.zero_grad(set_to_none=True)
     res.loss.backward()
+    if sync.enabled:
+        res = replace(res, fired=average_gradients(r.sae, res.fired, sync))
     r.sae.project_decoder_grad()
     if train_cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(r.sae.parameters(), train_cfg.grad_clip)
     r.optimizer.step()
     r.sae.post_step()
-    r.tokens_since_fired += x.shape[0]
+    r.tokens_since_fired += x.shape[0] * sync.world
     r.tokens_since_fired.masked_fill_(res.fired, 0)
     return res
 
 
 # ---- init ----
 
-def new_run(cfg: SAEConfig, train_cfg: TrainConfig, device, gen) -> SAERun:
+def sae_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of one SAE: seeded by (run seed, SAE folder name)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def new_run(cfg: SAEConfig, train_cfg: TrainConfig, device, gen: torch.Generator | None = None) -> SAERun:
+    gen = gen if gen is not None else sae_generator(train_cfg.seed, cfg.folder_name)
     sae = build_sae(cfg, gen).to(device)
     lr = train_cfg.resolve_lr(cfg.d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=train_cfg.adam_betas, eps=train_cfg.adam_eps)
-    return SAERun(sae, opt, lr, torch.zeros(cfg.d_sae, dtype=torch.int64, device=device), {})
+    return SAERun(sae, opt, lr, torch.zeros(cfg.d_sae, dtype=torch.int64, device=device), {}, gen)
 
 
 @torch.no_grad()
-def _init_from_data(runs: list[SAERun], it, train_cfg: TrainConfig, device) -> int:
-    """Estimate input scale and b_dec from the first init_tokens of the stream; returns batches used."""
+def _init_from_data(runs: list[SAERun], it, train_cfg: TrainConfig, device, sync: DistContext = SINGLE) -> int:
+    """Estimate input scale and b_dec from the first init_tokens of the (global) stream; returns batches used.
+
+    A rank keeps the rows of its share whose index in the global stream is below init_tokens, so the
+    statistics (all-reduced sums) are those of exactly the tokens a single process would use."""
     need = max(1, train_cfg.init_tokens)
     chunks = {id(r): [] for r in runs}
+    index = []  # global stream index of every kept row
     seen, consumed = 0, 0
     while seen < need:
         try:
@@ -196,36 +259,49 @@ def _init_from_data(runs: list[SAERun], it, train_cfg: TrainConfig, device) -> i
                 raise ValueError("train_saes: the activation stream is empty") from None
             break
         consumed += 1
-        for r in runs:
-            chunks[id(r)].append(_hook_batch(batch, r.sae.cfg.hook_name, device))
-        seen += chunks[id(runs[0])][-1].shape[0]
+        xs = [_hook_batch(batch, r.sae.cfg.hook_name, device) for r in runs]
+        b = xs[0].shape[0]
+        first = seen + sync.rank * b  # global index of this rank's first row
+        keep = min(b, max(0, need - first))
+        for r, x in zip(runs, xs):
+            chunks[id(r)].append(x[:keep])
+        index.append(torch.arange(first, first + keep, device=device))
+        seen += b * sync.world
+    index = torch.cat(index)
     for r in runs:
-        x = torch.cat(chunks[id(r)])[:need]
+        x = torch.cat(chunks[id(r)])
         cfg = r.sae.cfg
-        mean_norm = float(x.norm(dim=-1).mean())
+        stats = all_reduce_(torch.stack([x.new_tensor(x.shape[0], dtype=torch.float64),
+                                         x.norm(dim=-1).double().sum()]), sync, "the input-norm estimate")
+        n, mean_norm = int(stats[0]), float(stats[1] / stats[0])
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError(f"{cfg.hook_name}: activations have mean norm {mean_norm}; cannot normalise")
         scale = math.sqrt(cfg.d_in) / mean_norm if train_cfg.normalize else 1.0
         r.sae.cfg = replace(cfg, input_scale=scale)
         xn = x * scale
-        mu, sigma = xn.mean(0), xn.std(0)
-        r.data_stats = {"init_tokens": x.shape[0], "mean_norm": mean_norm, "input_scale": scale,
+        sums = all_reduce_(torch.cat([xn.double().sum(0), xn.double().pow(2).sum(0)]), sync, "the input mean")
+        mu = sums[:cfg.d_in] / n
+        sigma = ((sums[cfg.d_in:] - n * mu.pow(2)) / max(n - 1, 1)).clamp_min(0).sqrt()
+        r.data_stats = {"init_tokens": n, "mean_norm": mean_norm, "input_scale": scale,
                         "gamma_mean_over_std": float(mu.norm() / sigma.norm().clamp_min(1e-12))}
         if train_cfg.b_dec_init == "geometric_median":
-            r.sae.b_dec.copy_(geometric_median(xn[:32768]))
+            r.sae.b_dec.copy_(geometric_median(xn[index < 32768], sync=sync))
         elif train_cfg.b_dec_init == "mean":
-            r.sae.b_dec.copy_(mu)
+            r.sae.b_dec.copy_(mu.float())
     return consumed
 
 
 @torch.no_grad()
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
-    """Weiszfeld's algorithm, started at the mean; stops when a step moves < tol·(1 + ‖y‖)."""
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-5, sync: DistContext = SINGLE) -> torch.Tensor:
+    """Weiszfeld's algorithm, started at the mean; stops when a step moves < tol·(1 + ‖y‖).
+    Under data-parallelism x is this rank's share of the points; the sums are all-reduced."""
     x = x.double()
-    y = x.mean(0)
+    total = all_reduce_(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]), sync, "the geometric median")
+    y = total[:-1] / total[-1]
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
+        s = all_reduce_(torch.cat([(w[:, None] * x).sum(0), w.sum().reshape(1)]), sync, "the geometric median")
+        y_new = s[:-1] / s[-1]
         moved = float((y_new - y).norm())
         y = y_new
         if moved < tol * (1 + float(y.norm())):
@@ -277,20 +353,36 @@ def _resample_dead(r: SAERun, x: torch.Tensor, dead_tokens: int, gen: torch.Gene
     return idx.numel()
 
 
-def _log_step(path: Path, bar, step, tokens, logs, dead_tokens):
-    lines, post = [], []
+@torch.no_grad()
+def _log_step(path: Path, bar, step, tokens, logs, dead_tokens, ctx: DistContext, sync: DistContext):
+    """One train_log.jsonl line per SAE; batch FVU, L0 and losses over the global batch."""
+    lines, post = [], []  # lines: (record, progress-bar tag)
     for r, x, res in logs:
         cfg = r.sae.cfg
-        rec = {"step": step, "tokens": tokens, "sae": cfg.folder_name, "fvu": fvu(x, res.x_hat),
-               "l0": float(res.l0), "dead_fraction": float((r.tokens_since_fired >= dead_tokens).double().mean()),
-               "loss": float(res.loss.detach()), **{k: float(v) for k, v in res.terms.items()},
-               "lr": r.optimizer.param_groups[0]["lr"]}
-        lines.append(json.dumps(rec))
-        tag = f"L{cfg.layer}" if cfg.layer is not None else cfg.folder_name
+        keys = sorted(res.terms)
+        xd, err = x.double(), (x - res.x_hat).double()
+        stats = torch.cat([torch.stack([res.loss.detach().double(), res.l0.double(),
+                                        *[res.terms[k].double().reshape(()) for k in keys]]),
+                           torch.stack([err.pow(2).sum(), xd.pow(2).sum(), xd.new_tensor(x.shape[0])]),
+                           xd.sum(0)])
+        all_reduce_(stats, sync, "logging")
+        means = (stats[:2 + len(keys)] / sync.world).tolist()  # every rank's share has the same size
+        sq_err, sq_x, n = stats[2 + len(keys):5 + len(keys)].tolist()
+        centered = sq_x - float(stats[5 + len(keys):].pow(2).sum()) / n
+        rec = {"step": step, "tokens": tokens, "sae": cfg.folder_name, "fvu": sq_err / max(centered, 1e-30),
+               "l0": means[1], "dead_fraction": float((r.tokens_since_fired >= dead_tokens).double().mean()),
+               "loss": means[0], **dict(zip(keys, means[2:])), "lr": r.optimizer.param_groups[0]["lr"]}
+        lines.append((rec, f"L{cfg.layer}" if cfg.layer is not None else cfg.folder_name))
+    if ctx.enabled and not sync.enabled:  # layer-parallel: every rank logs its own SAEs
+        gathered = gather_objects(lines, ctx, "logging")
+        lines = [rec for part in gathered for rec in part] if ctx.is_main else []
+    if not ctx.is_main:
+        return
+    for rec, tag in lines:
         post.append(f"{tag} fvu {rec['fvu']:.3f} L0 {rec['l0']:.1f} dead {rec['dead_fraction']:.1%}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(json.dumps(rec) for rec, _ in lines) + "\n")
     bar.set_postfix_str(" | ".join(post), refresh=False)
 
 
@@ -304,22 +396,65 @@ def _truncate_log(path: Path, step: int):
 
 # ---- checkpoints ----
 
-def _save_checkpoint(path, runs, train_cfg, batches, gen, step, tokens, consumed, wall):
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _run_entry(r: SAERun) -> dict:
+    return _cpu({"cfg": r.sae.cfg.to_dict(), "state_dict": r.sae.state_dict(), "optimizer": r.optimizer.state_dict(),
+                 "tokens_since_fired": r.tokens_since_fired, "data_stats": r.data_stats, "lr": r.lr,
+                 "generator": r.gen.get_state()})
+
+
+def _save_checkpoint(path, runs, train_cfg, batches, step, tokens, consumed, wall, ctx: DistContext = SINGLE,
+                     layer_parallel: bool = False):
+    """Rank 0 writes one checkpoint: the SAEs (gathered from their owners under layer-parallelism)
+    and every rank's data position."""
     state_fn = getattr(batches, "state_dict", None)
+    mine = {"data_state": state_fn() if callable(state_fn) else None,
+            "saes": [_run_entry(r) for r in runs] if (ctx.is_main or layer_parallel) else []}
+    parts = gather_objects(mine, ctx, "checkpointing")
+    if not ctx.is_main:
+        return
     ckpt = {
-        "version": CHECKPOINT_VERSION, "step": step, "tokens": tokens, "batches_consumed": consumed,
-        "wall_s": wall, "train_cfg": train_cfg.to_dict(), "generator": gen.get_state(),
-        "data_state": state_fn() if callable(state_fn) else None,
-        "saes": [{"cfg": r.sae.cfg.to_dict(), "state_dict": r.sae.state_dict(), "optimizer": r.optimizer.state_dict(),
-                  "tokens_since_fired": r.tokens_since_fired.cpu(), "data_stats": r.data_stats, "lr": r.lr}
-                 for r in runs],
+        "version": CHECKPOINT_VERSION, "world": ctx.world, "layer_parallel": layer_parallel,
+        "step": step, "tokens": tokens, "batches_consumed": consumed, "wall_s": wall,
+        "train_cfg": train_cfg.to_dict(),
+        "data_state": parts[0]["data_state"] if ctx.world == 1 else [p["data_state"] for p in parts],
+        "saes": [entry for p in parts for entry in p["saes"]],
     }
     atomic_write_bytes(path, torch_bytes(ckpt))
 
 
-def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[SAERun]:
+def _describe_layout(world: int, layer_parallel: bool) -> str:
+    if world == 1:
+        return "a single process"
+    return f"{world} ranks, {'layer' if layer_parallel else 'data'}-parallel"
+
+
+def _deal_checkpoint(path: Path, resume: bool, cfgs, train_cfg, ctx: DistContext, layer_parallel: bool, say) -> list:
+    """Rank 0: each rank's share of the checkpoint to resume ([None] * world for a fresh run)."""
+    if path.exists() and not resume:
+        raise FileExistsError(f"{path} exists: pass resume=True to continue that run, or use another out_dir")
+    if not path.exists():
+        if resume:
+            say(f"no checkpoint in {path.parent}: starting a fresh run")
+        return [None] * ctx.world
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+    then, now = (ckpt["world"], ckpt["layer_parallel"]), (ctx.world, layer_parallel)
+    if then != now:
+        raise ValueError(f"{path} was written by {_describe_layout(*then)}; this run is {_describe_layout(*now)}. "
+                         f"A run resumes only with the same number of ranks and the same mode (each rank's "
+                         f"data position is part of the checkpoint); rerun it that way, or start afresh in "
+                         f"another output directory")
     try:
         saved_tc = TrainConfig.from_dict(ckpt["train_cfg"]).to_dict()
     except (KeyError, TypeError, ValueError) as e:
@@ -331,21 +466,29 @@ def _restore(ckpt, cfgs, train_cfg, device, gen, path) -> list[SAERun]:
                          "resume needs the same settings")
     if len(ckpt["saes"]) != len(cfgs):
         raise ValueError(f"{path}: checkpoint has {len(ckpt['saes'])} SAEs, {len(cfgs)} were requested")
-    runs = []
     for cfg, saved in zip(cfgs, ckpt["saes"]):
-        saved_cfg = SAEConfig.from_dict(saved["cfg"])
-        a, b = cfg.to_dict(), replace(saved_cfg, input_scale=cfg.input_scale).to_dict()
+        a = cfg.to_dict()
+        b = replace(SAEConfig.from_dict(saved["cfg"]), input_scale=cfg.input_scale).to_dict()
         if a != b:
             diff = sorted(k for k in a if a[k] != b[k])
             raise ValueError(f"{path}: SAE {cfg.folder_name!r} config differs from the checkpoint in {diff}")
-        run = new_run(saved_cfg, train_cfg, device, torch.Generator())  # weights are overwritten next
-        run.sae.load_state_dict(saved["state_dict"])
-        run.optimizer.load_state_dict(saved["optimizer"])
-        run.tokens_since_fired = saved["tokens_since_fired"].to(device)
-        run.data_stats, run.lr = saved["data_stats"], saved["lr"]
-        runs.append(run)
-    gen.set_state(ckpt["generator"])
-    return runs
+    parts = []
+    for rank in range(ctx.world):
+        lo, hi = rank_slice(len(cfgs), replace(ctx, rank=rank)) if layer_parallel else (0, len(cfgs))
+        parts.append({"step": ckpt["step"], "tokens": ckpt["tokens"], "batches_consumed": ckpt["batches_consumed"],
+                      "wall_s": ckpt["wall_s"], "saes": ckpt["saes"][lo:hi],
+                      "data_state": ckpt["data_state"] if ctx.world == 1 else ckpt["data_state"][rank]})
+    return parts
+
+
+def _restore_run(saved: dict, train_cfg: TrainConfig, device) -> SAERun:
+    run = new_run(SAEConfig.from_dict(saved["cfg"]), train_cfg, device, torch.Generator())  # overwritten next
+    run.sae.load_state_dict(saved["state_dict"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.tokens_since_fired = saved["tokens_since_fired"].to(device)
+    run.data_stats, run.lr = saved["data_stats"], saved["lr"]
+    run.gen.set_state(saved["generator"])
+    return run
 
 
 def _resume_stream(batches, ckpt, say):
@@ -373,7 +516,7 @@ class ThresholdCalibrator:
 
     One pass: counts of positive activations in 8192 geometric bins spanning 2^±12 around the
     training EMA (0.3% wide), then log-linear interpolation inside the bin where the count of
-    activations above θ crosses k·tokens."""
+    activations above θ crosses k·tokens. Counts add up, so ranks merge them with one all-reduce."""
 
     bins = 8192
     span = 2.0 ** 12
@@ -396,6 +539,14 @@ class ThresholdCalibrator:
             self.counts += torch.bincount(b, minlength=self.bins + 2).cpu()
         self.n_tokens += x_normed.shape[0]
 
+    def merge(self, sync: DistContext, device) -> None:
+        """Sum the counts of every rank (a no-op in a single process)."""
+        if not sync.enabled:
+            return
+        both = torch.cat([self.counts, torch.tensor([self.n_tokens])]).to(device)
+        all_reduce_(both, sync, "the BatchTopK threshold calibration")
+        self.counts, self.n_tokens = both[:-1].cpu(), int(both[-1])
+
     def threshold(self) -> float | None:
         """θ, or None if it falls outside the binned range (then the EMA is kept)."""
         target = self.sae.cfg.k * self.n_tokens
@@ -414,8 +565,9 @@ class ThresholdCalibrator:
         return None
 
 
-def _take_tokens(it, n_tokens: int):
-    """Yield batches from the stream until n_tokens tokens (of the first hook) have been handed out."""
+def _take_tokens(it, n_tokens: int, world: int = 1):
+    """Yield batches until n_tokens tokens of the global stream (this rank's rows × world, counted on
+    the first hook) have been handed out."""
     seen = 0
     while seen < n_tokens:
         try:
@@ -423,15 +575,15 @@ def _take_tokens(it, n_tokens: int):
         except StopIteration:
             return
         first = next(iter(batch.values()))
-        seen += first.numel() // first.shape[-1]
+        seen += first.numel() // first.shape[-1] * world
         yield batch
 
 
-def _calibrate_thresholds(runs, it, train_cfg, device, say) -> dict:
+def _calibrate_thresholds(runs, it, train_cfg, device, say, sync: DistContext = SINGLE) -> dict:
     calibrators = {id(r): ThresholdCalibrator(r.sae) for r in runs if isinstance(r.sae, BatchTopKSAE)}
     if not calibrators or train_cfg.calibration_tokens <= 0:
         return {}
-    for batch in _take_tokens(it, train_cfg.calibration_tokens):
+    for batch in _take_tokens(it, train_cfg.calibration_tokens, sync.world):
         for r in runs:
             if id(r) in calibrators:
                 calibrators[id(r)].update(_hook_batch(batch, r.sae.cfg.hook_name, device) * r.sae.cfg.input_scale)
@@ -440,6 +592,7 @@ def _calibrate_thresholds(runs, it, train_cfg, device, say) -> dict:
         if id(r) not in calibrators:
             continue
         cal, ema = calibrators[id(r)], float(r.sae.threshold)
+        cal.merge(sync, device)
         theta = cal.threshold()
         if theta is None:
             say(f"{r.sae.cfg.folder_name}: could not calibrate the threshold on {cal.n_tokens} tokens; "
@@ -451,25 +604,54 @@ def _calibrate_thresholds(runs, it, train_cfg, device, say) -> dict:
 
 
 @torch.no_grad()
-def _evaluate(runs, it, train_cfg, device, say) -> list[SAEMetrics | None]:
+def _evaluate(runs, it, train_cfg, device, say, sync: DistContext = SINGLE) -> list[SAEMetrics | None]:
+    """Held-out metrics of the exported SAEs; under data-parallelism merged on rank 0 (None elsewhere)."""
     if train_cfg.eval_tokens <= 0:
         return [None] * len(runs)
     exported = [r.sae.export() for r in runs]
     accs = [SAEMetrics(r.sae.cfg.d_sae) for r in runs]
-    for batch in _take_tokens(it, train_cfg.eval_tokens):
+    for batch in _take_tokens(it, train_cfg.eval_tokens, sync.world):
         for sae, acc in zip(exported, accs):
             x = _hook_batch(batch, sae.cfg.hook_name, device)
             codes = sae.encode(x)
             acc.update(x, sae.decode(codes), codes)
+    if sync.enabled:
+        states = [gather_objects(_cpu(vars(acc)), sync, "the held-out evaluation") for acc in accs]
+        if not sync.is_main:
+            return [None] * len(runs)
+        accs = [_merge_metrics(parts, acc.d_sae) for parts, acc in zip(states, accs)]
     if accs[0].n_tokens == 0:
         say("no held-out tokens left in the stream: skipping evaluation (no eval.json metrics, no sparsity file)")
         return [None] * len(runs)
     return accs
 
 
-def _export(r: SAERun, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens) -> SAE:
+def _merge_metrics(states: list[dict], d_sae: int) -> SAEMetrics:
+    """One SAEMetrics from several ranks' accumulators (Chan et al.'s merge of mean and M2)."""
+    acc = SAEMetrics(d_sae)
+    for s in states:
+        n = s["n_tokens"]
+        if n == 0:
+            continue
+        if acc.mean is None:
+            acc.mean, acc.m2 = s["mean"], s["m2"]
+        else:
+            total = acc.n_tokens + n
+            delta = s["mean"] - acc.mean
+            acc.m2 = acc.m2 + s["m2"] + delta.pow(2) * (acc.n_tokens * n / total)
+            acc.mean = acc.mean + delta * (n / total)
+        acc.n_tokens += n
+        acc.fire_counts += s["fire_counts"]
+        acc.sums = {k: acc.sums[k] + s["sums"][k] for k in acc.sums}
+    return acc
+
+
+def _export(r: SAERun, acc, thresholds, train_cfg, out: Path, step, tokens, wall, dead_tokens,
+            write: bool = True) -> SAE:
     r.sae.cfg = replace(r.sae.cfg, train_tokens=tokens)
     sae = r.sae.export()
+    if not write:
+        return sae
     training = {"steps": step, "tokens": tokens, "wall_s": round(wall, 3),
                 "tokens_per_s": tokens / wall if wall > 0 else None,
                 "lr": r.lr, "dead_window_tokens": dead_tokens,
@@ -496,3 +678,16 @@ def _export(r: SAERun, acc, thresholds, train_cfg, out: Path, step, tokens, wall
     if train_cfg.export_sparsify and sae.cfg.architecture == "topk":
         save_sparsify(sae, out / "sparsify" / sae.cfg.folder_name)
     return sae
+
+
+def _gather_saes(mine: list[SAE], ctx: DistContext, device) -> list[SAE]:
+    """Layer-parallel: every owner's exported SAEs, in config order, on rank 0 (others keep theirs)."""
+    parts = gather_objects([(s.cfg.to_dict(), _cpu(s.state_dict())) for s in mine], ctx, "collecting the SAEs")
+    if not ctx.is_main:
+        return mine
+    saes = []
+    for cfg, state in (item for part in parts for item in part):
+        sae = build_sae(SAEConfig.from_dict(cfg), torch.Generator())  # its init is overwritten
+        sae.load_state_dict(state)
+        saes.append(sae.to(device))
+    return saes

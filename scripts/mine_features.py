@@ -12,6 +12,12 @@ held-out split of the model's own corpus (nanochat's val shard; the demo corpus'
 or of --data. An interrupted run resumes from its last saved chunk when rerun with the same
 command; rerunning a finished one changes nothing. Query the store with SQL: see docs/store.md.
 Underscore spellings of every flag work too (--sae_dir, --batch_tokens, ...).
+
+Under torchrun the same command mines on N processes (NCCL on GPUs, cuda:LOCAL_RANK; gloo on CPU):
+each rank mines its share of the documents and of --tokens, rank 0 merges every rank's statistics
+and alone writes the store and prints (see docs/distributed_mining.md):
+
+    torchrun --standalone --nproc_per_node 8 -m scripts.mine_features --sae-dir atlas_out/saes --tokens 0
 """
 
 from __future__ import annotations
@@ -21,21 +27,39 @@ import sys
 from pathlib import Path
 
 from atlas.mine import MineConfig, find_saes, mine_features
-from nanochat.common import autodetect_device
+from nanochat.distributed import RankFailure, agree, init_distributed, shutdown
 from nanochat.model_source import resolve_corpus, resolve_model
+
+# Ranks meet after long stretches of work of their own: the end of the pass (shares differ by up
+# to a row group) and rank 0's merge and write. torchrun tears the group down if a rank dies, so
+# a long wait is only ever a wait for a live rank.
+MEETING_TIMEOUT_S = 6 * 3600
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = mine_config(args)
-        saes = find_saes(args.sae_dir)
-        source = resolve_model(args.checkpoint, device=autodetect_device(args.device), quiet=args.quiet)
-        corpus = resolve_corpus(source, args.data)
-        if not args.quiet:
+        ctx = init_distributed(args.device, timeout_s=MEETING_TIMEOUT_S)
+        quiet = args.quiet or not ctx.is_main
+        try:  # every rank loads the model; one rank's failure here is raised on all
+            cfg = mine_config(args)
+            saes = find_saes(args.sae_dir)
+            source = resolve_model(args.checkpoint, device=ctx.device, quiet=quiet)
+            corpus = resolve_corpus(source, args.data)
+            error = None
+        except Exception as e:
+            error = e
+        agree(ctx, error)
+        if not quiet:
             print(f"model: {source.describe()}", file=sys.stderr)
             print(f"SAEs: {', '.join(str(p) for p in saes)}", file=sys.stderr)
-        out = mine_features(saes, source, corpus, Path(args.store), cfg, quiet=args.quiet)
+            if ctx.enabled:
+                print(f"torchrun: {ctx.world} ranks on {ctx.device.type}; rank 0 merges and "
+                      f"writes", file=sys.stderr)
+        out = mine_features(saes, source, corpus, Path(args.store), cfg, quiet=args.quiet, ctx=ctx)
+    except RankFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, KeyError, ValueError, OverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -43,10 +67,13 @@ def main(argv=None) -> int:
         print("interrupted: rerun the same command to resume from the last saved chunk",
               file=sys.stderr)
         return 130
-    if not args.quiet and not out["skipped"]:
-        print(f"{out['tokens']:,} tokens, {out['documents']:,} documents, "
-              f"{out['tokens_per_s']:,.0f} tokens/s -> {out['store']}", file=sys.stderr)
-    print(out["store"])
+    finally:
+        shutdown()
+    if ctx.is_main:
+        if not args.quiet and not out["skipped"]:
+            print(f"{out['tokens']:,} tokens, {out['documents']:,} documents, "
+                  f"{out['tokens_per_s']:,.0f} tokens/s -> {out['store']}", file=sys.stderr)
+        print(out["store"])
     return 0
 
 

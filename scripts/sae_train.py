@@ -6,11 +6,16 @@ Train SAEs on a nanochat model's activations, one per layer, from one shared act
         --checkpoint ~/.cache/nanochat/base_checkpoints/d20 --out atlas_out/saes
     python -m scripts.sae_train --layers 4,10,16 --out atlas_out/saes --resume   # after an interruption
     python -m scripts.sae_train --checkpoint path/to/model_000650.pt --layer 10  # the PR #169 form
+    torchrun --standalone --nproc_per_node 2 -m scripts.sae_train --layers 4,10,16   # 2 ranks, data-parallel
+    torchrun --standalone --nproc_per_node 3 -m scripts.sae_train --layers 4,10,16 --layer-parallel
 
 Writes OUT/<hook name>/ per SAE (SAELens cfg.json + sae_weights.safetensors + sparsity.safetensors,
 eval.json with training-stream and spliced val metrics, training_state.pt) and OUT/checkpoint.pt
 (resumable state). Underscore spellings of every flag work too (--expansion_factor, --hook_type,
 --output_dir, --num_activations, --learning_rate, --batch_size, ...).
+
+Under torchrun the flags mean the same (--batch-size and --tokens are global); each rank streams its
+share of the corpus; only rank 0 prints and writes. A run resumes with the same number of ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanochat.distributed import RankFailure, init_distributed, shutdown
 from sae.config import ARCHITECTURES
 from sae.hooks import HOOK_KINDS
 from sae.train_run import RunConfig, run_training
@@ -29,13 +35,25 @@ _HOOK_ALIASES = {"attn": "attn_out", "mlp": "mlp_out"}
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_training(run_config(args))
-    except FileExistsError as e:
-        print(f"error: {e}\nadd --resume to continue that run, or choose another --out", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        cfg = run_config(args)
+        ctx = init_distributed(cfg.device)  # a single process without torchrun's environment
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    tag = f"rank {ctx.rank}: " if ctx.enabled else ""
+    try:
+        run_training(cfg, ctx=ctx)
+    except FileExistsError as e:
+        print(f"{tag}error: {e}\nadd --resume to continue that run, or choose another --out", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"{tag}error: {e}", file=sys.stderr)
+        return 2
+    except RankFailure as e:
+        print(f"{tag}error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
     return 0
 
 
@@ -80,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
              "1048576 on CUDA)")
     add("--seed", type=int, default=0)
     add("--quiet", action="store_true", help="no progress bars or messages")
+    add("--layer-parallel", action="store_true",
+        help="under torchrun: each rank trains the SAEs of some of the layers and receives those "
+             "layers' activations (default: data-parallel, every rank trains every SAE)")
     add("--prepare-neuronpedia", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -105,7 +126,8 @@ def run_config(args) -> RunConfig:
                      seq_len=args.seq_len, buffer_tokens=args.buffer_tokens,
                      buffer_mb=args.buffer_mb, cache_activations=args.cache_activations,
                      cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-                     eval_tokens=args.eval_tokens, seed=args.seed, quiet=args.quiet)
+                     eval_tokens=args.eval_tokens, seed=args.seed, quiet=args.quiet,
+                     layer_parallel=args.layer_parallel)
 
 
 def _adder(parser: argparse.ArgumentParser):

@@ -414,7 +414,7 @@ def test_interrupted_run_resumes_to_the_same_store(mined, tiny, monkeypatch):
     monkeypatch.setattr(mine_mod._Run, "process", crash_after_some_batches)
     with pytest.raises(KeyboardInterrupt):
         mine_features(find_saes(tiny.sae_dir), tiny.source, tiny.corpus, path, CFG, quiet=True)
-    assert (tiny.root / "resumed.duckdb.mine-state" / "state.pt").exists()
+    assert (tiny.root / "resumed.duckdb.mine-state" / "rank0-of-1.pt").exists()
     assert not path.exists()
     monkeypatch.setattr(mine_mod._Run, "process", real)
     again = mine_features(find_saes(tiny.sae_dir), tiny.source, tiny.corpus, path, CFG, quiet=True)
