@@ -182,6 +182,7 @@ def atomic_write_dir(out_dir, write) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700); an SAE folder is meant to be shared
         write(tmp)
         if out.exists():
             # rename() cannot replace a non-empty dir: move the old one aside, swap, then delete it

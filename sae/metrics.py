@@ -3,9 +3,10 @@ SAE reconstruction and sparsity metrics: pure functions on tensors, and a stream
 
 Definitions (recipe §4), over tokens t, with μ the per-dimension mean of the evaluated tokens:
 - fvu = Σ_t‖x_t - x̂_t‖² / Σ_t‖x_t - μ‖² (centered; primary). explained_variance = 1 - fvu.
-- explained_variance_saelens = 1 - E‖e‖² / (E‖x‖² - (E‖x‖²/d)²), SAELens/SAEBench's formula, which is
-  close to an uncentered denominator for large d (and meaningless for tiny d, where it is still
-  computed as they do); reported only for comparison with their numbers.
+- explained_variance_saelens = 1 - E‖e‖² / (E‖x‖² - ‖E[x]‖²), as SAELens 6.x's evaluator computes it
+  (its ExplainedVarianceCalculator): the same quantity as 1 - fvu, but from raw second moments, so
+  it shows the cancellation their number suffers when activations have a large mean. (SAELens's
+  "explained_variance_legacy", a per-token ratio averaged over tokens, is not reproduced.)
 - mse = E_t‖x_t - x̂_t‖² (summed over d); mse_per_dim = mse / d.
 - l0 = E_t #{i: f_i > 0}; l1 = E_t Σ_i f_i.
 - cossim = E_t cos(x_t, x̂_t); l2_ratio = E_t ‖x̂_t‖/‖x_t‖ (tokens with ‖x‖ < 1e-4 divide by 1, as
@@ -112,7 +113,7 @@ class SAEMetrics:
             raise ValueError("SAEMetrics.compute: no tokens were accumulated")
         n, s, d = self.n_tokens, self.sums, self.mean.numel()
         mean_sq_x = s["sq_x"] / n
-        saelens_total = mean_sq_x - (mean_sq_x / d) ** 2
+        saelens_total = mean_sq_x - float(self.mean.double().pow(2).sum())
         density = self.density()
         fvu_ = s["sq_err"] / max(float(self.m2.sum()), 1e-30)
         return {

@@ -23,9 +23,10 @@ def test_batch_metrics_match_hand_computation():
     # mean (1, 1); centered squared norms: (0,1)->1, (2,-1)->5, (-2,0)->4 -> total 10
     assert m["fvu"] == pytest.approx(3 / 10)
     assert m["explained_variance"] == pytest.approx(0.7)
-    # SAELens EV: E‖x‖² = (5 + 9 + 2)/3 = 16/3; total = 16/3 - (16/3/2)²; residual = 1
-    e_sq = 16 / 3
-    assert m["explained_variance_saelens"] == pytest.approx(1 - 1 / (e_sq - (e_sq / 2) ** 2))
+    # SAELens 6.x EV: E‖x‖² = (5 + 9 + 2)/3 = 16/3, ‖E[x]‖² = 2, so the total is 10/3 (= the
+    # centered variance) and EV = 1 - 1/(10/3) = 0.7, the same as 1 - fvu
+    assert m["explained_variance_saelens"] == pytest.approx(1 - 1 / (16 / 3 - 2))
+    assert m["explained_variance_saelens"] == pytest.approx(m["explained_variance"])
     assert m["l0"] == pytest.approx(3 / 3)
     assert m["l1"] == pytest.approx(3.5 / 3)
     cos = [3 / (math.sqrt(5) * math.sqrt(2)), 6 / (3 * 2), 3 / (math.sqrt(2) * math.sqrt(5))]
