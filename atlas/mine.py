@@ -33,11 +33,12 @@ Notable choices:
   fingerprint is left alone.
 - torchrun (`ctx`): rank r mines its share of the split (`iter_shard_documents`: row groups or
   documents dealt out in turn, document ids those of the whole split) and of the token budget.
-  Ranks meet three times: after setup (every rank must see the same inputs), after the pass
-  (any rank's failure is raised on every rank before anything is merged: `agree`), and after
-  rank 0 has received every rank's statistics, one rank and one SAE at a time, merged them
-  (exactly: stats.py) and written the store. Over the whole split the store is the one a single
-  process writes: statistics are order-independent, sums included (fixed point, stats.to_fixed).
+  After each step (setup, where every rank must see the same inputs; loading the saved state;
+  the pass; merging and writing) the ranks meet (`_together`, `agree`), so a failure on any rank
+  is raised on every rank and nothing is merged or written after it. Rank 0 receives every
+  rank's statistics, one rank and one SAE at a time, merges them (exactly: stats.py) and alone
+  writes the store. Over the whole split the store is the one a single process writes:
+  statistics are order-independent, sums included (fixed point, stats.to_fixed).
 - Coactivation neighbours rank other latents by the Jaccard index of their firing sets over the
   whole pass, from d_sae x d_sae int32 counts of co-firing among each token's `coactivation_top`
   (64) strongest latents: exact for TopK SAEs with k <= 64 and any token with at most 64 active
@@ -78,7 +79,7 @@ from atlas.tokens_display import visible_token
 from nanochat.common import autocast
 from nanochat.dataset import (iter_batches, iter_indexed_windows, iter_shard_documents,
                               list_corpus_files)
-from nanochat.distributed import DistContext, RankFailure, agree, rank_slice
+from nanochat.distributed import DistContext, RankFailure, agree, broadcast_object, rank_slice
 from sae.hooks import parse_hook_name, run_with_capture
 from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, load_sae
 
@@ -187,6 +188,8 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
 
     run = _together(ctx, _Run, saes, cfg, seq_len, tokenizer.get_vocab_size(), model.get_device(), ctx)
     resumed = _together(ctx, run.load, state_dir, fingerprint, cfg.force, quiet)
+    for p in run.stale_states(state_dir):  # after the meeting: every rank has looked
+        p.unlink(missing_ok=True)
     if resumed:
         who = "" if ctx.world == 1 else f"rank 0 of {ctx.world}: "
         _log(quiet, f"resuming from {state_dir}: {who}{resumed:,} tokens already mined")
@@ -194,7 +197,7 @@ def mine_features(sae_paths: list[Path], source, corpus: Path, store_path: Path,
     t_final = time.time()
     totals = _together(ctx, _finish, run, source, corpus, corpus_files, seq_len, store_path,
                        state_dir, fingerprint, cfg, quiet)
-    totals = _from_main(ctx, totals)
+    totals = broadcast_object(ctx, totals)
     if not ctx.is_main:  # rank 0 removed the state dir it sees; ranks on other nodes see their own
         run.state_file(state_dir).unlink(missing_ok=True)
         _remove_if_empty(state_dir)
@@ -274,15 +277,6 @@ def _same_inputs(ctx: DistContext, fingerprint: str, current: bool) -> bool:
                           f"file, corpus files or settings differ); every rank must read the "
                           f"same files. Nothing was mined.")
     return bool(views[0][1])
-
-
-def _from_main(ctx: DistContext, obj):
-    """Rank 0's object, on every rank."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -539,17 +533,19 @@ class _Run:
         torch.save(state, tmp)
         os.replace(tmp, f)
 
+    def stale_states(self, state_dir: Path) -> list[Path]:
+        """Saved states of runs with another number of ranks: they cannot be resumed."""
+        return sorted(p for p in state_dir.glob("*.pt") if not p.name.endswith(f"-of-{self.ctx.world}.pt"))
+
     def load(self, state_dir: Path, fingerprint: str, force: bool, quiet: bool) -> int:
         """Load this rank's saved state of the same inputs; returns the tokens it had mined (0:
-        none). States of runs with another number of ranks cannot be resumed: dropped."""
+        none)."""
         f = self.state_file(state_dir)
-        stale = sorted(p for p in state_dir.glob("*.pt") if not p.name.endswith(f"-of-{self.ctx.world}.pt"))
+        stale = self.stale_states(state_dir)
         if stale:
             _log(quiet, f"{state_dir} holds the state of a run with another number of ranks "
                         f"({', '.join(p.name for p in stale)}); this run has {self.ctx.world}, "
                         f"so it starts over")
-            for p in stale:
-                p.unlink(missing_ok=True)
         if force or not f.exists():
             return 0
         try:

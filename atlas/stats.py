@@ -90,15 +90,15 @@ def to_fixed(value: torch.Tensor) -> torch.Tensor:
     not. The fraction column can hold 2^31 values (the token limit of every count here)."""
     v = value.double()
     whole = v.floor()
-    frac = torch.round(torch.ldexp(v - whole, torch.tensor(float(FIXED_FRAC_BITS), dtype=v.dtype,
-                                                          device=v.device)))
-    return torch.stack([whole.long(), frac.long()], -1)
+    out = torch.empty((v.numel(), 2), dtype=torch.int64, device=v.device)
+    out[:, 0] = whole
+    out[:, 1] = (v - whole).mul_(2.0 ** FIXED_FRAC_BITS).round_()  # exact: scaling by a power of 2
+    return out
 
 
 def from_fixed(total: torch.Tensor) -> torch.Tensor:
     """[..., 2] fixed-point sums -> float64 (a function of the integers alone: deterministic)."""
-    return total[..., 0].double() + torch.ldexp(total[..., 1].double(), torch.tensor(
-        float(-FIXED_FRAC_BITS), dtype=torch.float64, device=total.device))
+    return total[..., 0].double() + total[..., 1].double() * 2.0 ** -FIXED_FRAC_BITS
 
 
 # ----------------------------------------------------------------------------- moments

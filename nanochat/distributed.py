@@ -89,6 +89,15 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def broadcast_object(ctx: DistContext, obj, src: int = 0):
+    """`obj` of rank `src` on every rank (picklable; small decisions, not tensors)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def agree(ctx: DistContext, error: BaseException | None) -> None:
     """Meeting point: every rank says whether it failed. If any did, every rank raises a
     RankFailure naming the failed ranks and their errors (the failed rank chains its own)."""
