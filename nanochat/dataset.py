@@ -84,6 +84,9 @@ def iter_shard_documents(path, split: str = "train", rank: int = 0,
                     if block % world == rank:
                         texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
                         for i in range(a, b):
+                            if not isinstance(texts[i - start], str):
+                                raise ValueError(f"{f}: row {i} has no text (a null or non-string "
+                                                 f"'text' value)")
                             yield base + i - lo, texts[i - start]
                     block += 1
                 start = end

@@ -157,10 +157,10 @@ def test_a_failing_rank_fails_every_rank_and_leaves_the_store(tiny, reference):
     before = hashlib.sha256(store.read_bytes()).hexdigest()
     code, out, _ = torchrun(tiny, store, corpus)
     assert code != 0
-    assert "rank 1: TypeError" in out[1]  # the failed rank says so at once
+    assert "rank 1: ValueError" in out[1]  # the failed rank says so at once
     for rank in (0, 1):  # and every rank exits with the same error naming it
         assert "error: 1 of 2 rank(s) failed; no output was written" in out[rank], out[rank]
-        assert "rank 1: TypeError" in out[rank] and "rank 0:" not in out[rank]
+        assert "rank 1: ValueError" in out[rank] and "rank 0:" not in out[rank]
     assert hashlib.sha256(store.read_bytes()).hexdigest() == before
     assert not store.with_name(store.name + ".wal").exists()
 

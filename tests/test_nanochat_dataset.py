@@ -108,3 +108,9 @@ def test_parquet_shards_stride_row_groups(tmp_path):
     assert rank1 == ["a2", "a3"]
     with pytest.raises(ValueError, match="rank 2"):
         list(iter_shard_documents(tmp_path, "train", 2, 2))
+
+
+def test_null_parquet_text_is_named(tmp_path):
+    pq.write_table(pa.table({"text": ["ok", None, "ok"]}), tmp_path / "n.parquet")
+    with pytest.raises(ValueError, match=r"n.parquet: row 1 has no text"):
+        list(iter_documents(tmp_path / "n.parquet", "all"))
