@@ -55,7 +55,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str | None = None, timeout_s: float = 1800) -> DistContext:
+# Ranks meet after long stretches of work of their own (the end of a mining pass, rank 0's
+# store write and render), so a collective may wait hours for a live rank; torchrun tears the
+# group down when a rank dies, so the long timeout never hides a dead one.
+MEETING_TIMEOUT_S = 6 * 3600
+
+
+def init_distributed(device: str | None = None, timeout_s: float = MEETING_TIMEOUT_S) -> DistContext:
     """Join torchrun's process group (once) and pick this rank's device. `device`: 'cpu',
     'cuda' or None (CUDA when available); a CUDA rank uses cuda:LOCAL_RANK."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:

@@ -30,16 +30,11 @@ from atlas.mine import MineConfig, find_saes, mine_features
 from nanochat.distributed import RankFailure, agree, init_distributed, shutdown
 from nanochat.model_source import resolve_corpus, resolve_model
 
-# Ranks meet after long stretches of work of their own: the end of the pass (shares differ by up
-# to a row group) and rank 0's merge and write. torchrun tears the group down if a rank dies, so
-# a long wait is only ever a wait for a live rank.
-MEETING_TIMEOUT_S = 6 * 3600
-
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ctx = init_distributed(args.device, timeout_s=MEETING_TIMEOUT_S)
+        ctx = init_distributed(args.device)
         quiet = args.quiet or not ctx.is_main
         try:  # every rank loads the model; one rank's failure here is raised on all
             cfg = mine_config(args)
