@@ -17,6 +17,12 @@ Caching: <work>/stages.json records a fingerprint of each finished stage's input
 skips a stage whose fingerprint is unchanged and whose outputs exist; an interrupted stage
 resumes (SAE training from its last checkpoint, mining from its last committed chunk).
 `force` rebuilds everything after the model.
+
+Under torchrun (`torchrun --nproc_per_node=N -m scripts.build_atlas ...`) every rank trains
+(data-parallel) and mines (its share of the held-out text); rank 0 alone decides which
+stages are current, prints, writes stages.json, renders and exports, while the other ranks
+wait. Ranks on several nodes need <out> and <work> on a shared file system: every rank loads
+the SAEs rank 0 wrote before mining.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanochat.common import autodetect_device
 from nanochat.dataset import list_corpus_files
+from nanochat.distributed import DistContext, agree, barrier, broadcast_object, init_distributed
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "site_templates"
 
@@ -60,28 +66,40 @@ class AtlasConfig:
         return Path(self.work) if self.work else Path(f"{Path(self.out)}_work")
 
 
-def build_atlas(cfg: AtlasConfig) -> dict:
+def build_atlas(cfg: AtlasConfig, ctx: DistContext | None = None) -> dict:
+    """Run every stage; returns a summary (on every rank; only rank 0's lists what it wrote).
+    `ctx`: the torchrun context (default: joined here from torchrun's environment, if any)."""
     from atlas.mine import MineConfig, mine_features
-    from atlas.neuronpedia import export_neuronpedia
-    from atlas.render import render_site
     from nanochat.model_source import resolve_corpus, resolve_model
     from sae.train_run import RunConfig, run_training
 
     t_start = time.time()
-    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+    ctx = ctx or init_distributed(cfg.device)
+    main = ctx.is_main
+    quiet = cfg.quiet or not main
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     out, work = Path(cfg.out), cfg.work_dir
     if out.resolve() == work.resolve() or work.resolve() in out.resolve().parents:
         raise ValueError(f"--work {work} must not be --out {out} or inside it")
-    work.mkdir(parents=True, exist_ok=True)
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
     stages = _Stages(work / "stages.json", force=cfg.force)
-    device = autodetect_device(cfg.device)
+    device = ctx.device
     on_gpu = device.type == "cuda"
     timings: dict[str, float] = {}
 
-    # -- model and text
+    # -- model and text (rank 0 first: it builds the demo model if there is none yet)
     t0 = time.time()
-    say("== model")
-    source = resolve_model(cfg.checkpoint, device, quiet=cfg.quiet)
+    say("== model" + (f" ({ctx.world} ranks)" if ctx.enabled else ""))
+    error = None
+    if main:
+        try:
+            source = resolve_model(cfg.checkpoint, device, quiet=quiet)
+        except Exception as e:
+            error = e
+    agree(ctx, error)
+    if not main:
+        source = resolve_model(cfg.checkpoint, device, quiet=True)
     corpus = resolve_corpus(source, cfg.data)
     say(f"   {source.describe()}")
     say(f"   text: {corpus} (train split for SAEs, held-out split for mining)")
@@ -96,21 +114,32 @@ def build_atlas(cfg: AtlasConfig) -> dict:
     run_cfg = RunConfig(layers=cfg.layers, hook=cfg.hook, architecture=cfg.arch, width=cfg.width,
                         expansion=cfg.expansion, k=cfg.k, tokens=train_tokens,
                         checkpoint=str(source.checkpoint_dir), data=str(corpus),
-                        out=str(work / "saes"), device=str(device), quiet=cfg.quiet)
+                        out=str(work / "saes"), device=str(device), quiet=quiet)
     train_fp = _digest(model_fp, corpus_fp, {k: v for k, v in asdict(run_cfg).items()
-                                             if k not in ("quiet", "resume", "out")})
-    sae_dirs = stages.outputs("train", train_fp)
-    if sae_dirs and all((Path(p) / "cfg.json").exists() for p in sae_dirs):
+                                             if k not in ("quiet", "resume", "out", "device")})
+    # rank 0 decides (and clears stale outputs); every rank follows its decision
+    decision = None
+    if main:
+        sae_dirs = stages.outputs("train", train_fp)
+        if sae_dirs and all((Path(p) / "cfg.json").exists() for p in sae_dirs):
+            decision = {"skip": True, "sae_dirs": sae_dirs}
+        else:
+            saes_dir = work / "saes"
+            if cfg.force or stages.fingerprint("train") not in (None, train_fp):
+                shutil.rmtree(saes_dir, ignore_errors=True)  # different inputs: start over
+            decision = {"skip": False, "resume": saes_dir.exists()}
+    decision = broadcast_object(ctx, decision)
+    if decision["skip"]:
+        sae_dirs = decision["sae_dirs"]
         say(f"== train: up to date ({len(sae_dirs)} SAEs in {work / 'saes'})")
     else:
         say(f"== train: {cfg.arch} SAEs on {train_tokens:,} tokens each")
-        saes_dir = work / "saes"
-        if cfg.force or stages.fingerprint("train") not in (None, train_fp):
-            shutil.rmtree(saes_dir, ignore_errors=True)  # different inputs: start over
-        run_cfg.resume = saes_dir.exists()
-        result = run_training(run_cfg, source=source, log=say)
+        run_cfg.resume = decision["resume"]
+        result = run_training(run_cfg, source=source, log=say, ctx=ctx)
         sae_dirs = [str(p) for p in result.sae_dirs.values()]
-        stages.finish("train", train_fp, sae_dirs)
+        if main:
+            stages.finish("train", train_fp, sae_dirs)
+        barrier(ctx)  # every SAE folder is written before any rank loads them to mine
     timings["train"] = time.time() - t0
 
     # -- mine
@@ -119,8 +148,28 @@ def build_atlas(cfg: AtlasConfig) -> dict:
     mine_tokens = cfg.mine_tokens or (10_000_000 if on_gpu else 250_000)
     say(f"== mine: {mine_tokens:,} held-out tokens through {len(sae_dirs)} SAEs")
     mined = mine_features([Path(p) for p in sae_dirs], source, corpus, store_path,
-                          MineConfig(tokens=mine_tokens, force=cfg.force), quiet=cfg.quiet)
+                          MineConfig(tokens=mine_tokens, force=cfg.force), quiet=quiet, ctx=ctx)
     timings["mine"] = time.time() - t0
+    if not main:  # rank 0 alone renders and exports; the others wait for its outcome
+        agree(ctx, None)
+        return {"rank": ctx.rank, "model": source.describe(), "sae_dirs": sae_dirs,
+                "seconds": time.time() - t_start, "stage_seconds": timings}
+    try:
+        summary = _render_and_export(cfg, say, quiet, stages, source, corpus, sae_dirs, store_path,
+                                     mined, timings, t_start)
+    except Exception as e:
+        agree(ctx, e)  # single process: re-raises e; torchrun: every rank raises RankFailure
+        raise
+    agree(ctx, None)
+    return summary
+
+
+def _render_and_export(cfg: AtlasConfig, say, quiet: bool, stages: "_Stages", source, corpus,
+                       sae_dirs: list[str], store_path: Path, mined: dict, timings: dict,
+                       t_start: float) -> dict:
+    from atlas.neuronpedia import export_neuronpedia
+    from atlas.render import render_site
+    out, work = Path(cfg.out), cfg.work_dir
 
     # -- render
     t0 = time.time()
@@ -131,7 +180,7 @@ def build_atlas(cfg: AtlasConfig) -> dict:
         rendered = None
     else:
         say(f"== render: {out}")
-        rendered = render_site(store_path, out, notes_dir=notes_dir, quiet=cfg.quiet)
+        rendered = render_site(store_path, out, notes_dir=notes_dir, quiet=quiet)
         stages.finish("render", render_fp, [str(out)])
     timings["render"] = time.time() - t0
 
@@ -144,7 +193,7 @@ def build_atlas(cfg: AtlasConfig) -> dict:
     else:
         say(f"== export: Neuronpedia layout -> {np_dir}")
         export_neuronpedia(store_path, np_dir, model_id=cfg.model_id, source_set=cfg.source_set,
-                           quiet=cfg.quiet)
+                           quiet=quiet)
         stages.finish("export", export_fp, [str(np_dir)])
     timings["export"] = time.time() - t0
 

@@ -26,13 +26,14 @@ import torch
 
 from sae.train_run import RunConfig, run_training
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS_sae_quality.md"
+RESULTS_DIR = Path(__file__).resolve().parent
 L0_TOLERANCE = 0.15
 
 
 def train(args, arch: str, out: Path, l1: float | None = None) -> dict:
     cfg = RunConfig(layers=[args.layer], architecture=arch, expansion=args.expansion, k=args.k,
-                    l1_coefficient=l1, tokens=args.tokens, checkpoint=args.checkpoint,
+                    l1_coefficient=l1, tokens=args.tokens, batch_size=args.batch_size,
+                    checkpoint=args.checkpoint,
                     out=str(out), cache_activations=True, cache_dir=args.cache_dir,
                     eval_tokens=args.eval_tokens, device=args.device, quiet=True)
     t0 = time.perf_counter()
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=500_000)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4096, help="tokens per optimizer step")
     ap.add_argument("--expansion", type=float, default=8.0)
     ap.add_argument("--archs", default="topk,batchtopk,relu,gated,jumprelu")
     ap.add_argument("--search-steps", type=int, default=4)
@@ -83,7 +85,7 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--device")
     ap.add_argument("--cache-dir", help="activation cache root (default: a temp dir)")
-    ap.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
+    ap.add_argument("--write", action="store_true", help="write RESULTS_sae_quality[_bBATCH].md")
     args = ap.parse_args()
 
     from nanochat.model_source import resolve_model
@@ -103,7 +105,8 @@ def main():
             all_runs += runs
 
     head = (f"{source.describe()}; `blocks.{args.layer}.hook_resid_post`, width {rows[0]['d_sae']} "
-            f"({args.expansion:g}x), {args.tokens:,} training tokens per SAE, held-out evaluation on "
+            f"({args.expansion:g}x), {args.tokens:,} training tokens per SAE in batches of "
+            f"{args.batch_size:,} ({args.tokens // args.batch_size} steps), held-out evaluation on "
             f"{args.eval_tokens:,} val tokens. Machine: {platform.machine()} CPU, "
             f"{os.cpu_count()} cores, torch {torch.__version__}, 1-min load average "
             f"{os.getloadavg()[0]:.1f} at the end.")
@@ -118,9 +121,11 @@ def main():
                      for r in all_runs if r["l1"] is not None)
     print(head + "\n\n" + table)
     if args.write:
-        RESULTS.write_text(
+        suffix = "" if args.batch_size == 4096 else f"_b{args.batch_size}"
+        (RESULTS_DIR / f"RESULTS_sae_quality{suffix}.md").write_text(
             "# SAE quality by architecture (demo model)\n\n"
-            f"`python -m bench.bench_sae_quality --layer {args.layer} --tokens {args.tokens} --k {args.k} --write`\n\n"
+            f"`python -m bench.bench_sae_quality --layer {args.layer} --tokens {args.tokens} --k {args.k} "
+            f"--batch-size {args.batch_size} --archs {args.archs} --write`\n\n"
             + head + "\n\n" + table + "\nEvery run of the L1 coefficient search:\n\n" + search)
 
 

@@ -163,7 +163,10 @@ def train_saes(cfgs: list[SAEConfig], train_cfg: TrainConfig, batches: Iterable[
     _save_checkpoint(ckpt_path, runs, train_cfg, batches, step, tokens, consumed, wall, ctx, layer_parallel)
 
     # held-out phases: the stream continues past the training tokens
-    thresholds = _calibrate_thresholds(runs, it, train_cfg, device, say, sync)
+    # every rank draws the same batches (layer-parallel ranks pull them together), so whether the
+    # calibration phase runs depends on all the SAEs, not only this rank's
+    calibrate = any(c.architecture == "batchtopk" for c in cfgs)
+    thresholds = _calibrate_thresholds(runs, it, train_cfg, device, say, sync, calibrate)
     evals = _evaluate(runs, it, train_cfg, device, say, sync)
     writes = ctx.is_main or layer_parallel  # data-parallel ranks hold identical SAEs: rank 0 writes them
     exported, error = [], None
@@ -579,9 +582,11 @@ def _take_tokens(it, n_tokens: int, world: int = 1):
         yield batch
 
 
-def _calibrate_thresholds(runs, it, train_cfg, device, say, sync: DistContext = SINGLE) -> dict:
+def _calibrate_thresholds(runs, it, train_cfg, device, say, sync: DistContext = SINGLE,
+                          calibrate: bool = True) -> dict:
+    """Calibrate this rank's BatchTopK SAEs; `calibrate`: whether any SAE of the run needs the phase."""
     calibrators = {id(r): ThresholdCalibrator(r.sae) for r in runs if isinstance(r.sae, BatchTopKSAE)}
-    if not calibrators or train_cfg.calibration_tokens <= 0:
+    if not calibrate or train_cfg.calibration_tokens <= 0:
         return {}
     for batch in _take_tokens(it, train_cfg.calibration_tokens, sync.world):
         for r in runs:

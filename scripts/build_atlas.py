@@ -8,12 +8,16 @@ Build the whole feature atlas: SAEs, DuckDB feature store, static site, Neuronpe
 Without --checkpoint it uses the latest base model under $NANOCHAT_BASE_DIR, and without one
 of those the embedded demo model (built once, ~5 minutes on 2 CPU cores, then cached).
 A rerun skips finished stages whose inputs did not change; --force rebuilds them.
+
+On several processes (CPU ranks or GPUs), the same flags under torchrun:
+    torchrun --standalone --nproc_per_node=8 -m scripts.build_atlas --layers 4,10,16
 """
 
 import argparse
 import sys
 
 from atlas.pipeline import AtlasConfig, build_atlas
+from nanochat.distributed import RankFailure, init_distributed, shutdown
 from sae.config import ARCHITECTURES
 
 
@@ -67,11 +71,17 @@ def main(argv=None):
                       mine_tokens=args.mine_tokens, device=args.device, model_id=args.model_id,
                       source_set=args.source_set,
                       force=args.force, quiet=args.quiet)
+    ctx = init_distributed(args.device)  # torchrun's process group, if launched by torchrun
     try:
-        build_atlas(cfg)
+        build_atlas(cfg, ctx)
+    except RankFailure as e:
+        print(f"error (rank {ctx.rank}): {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 
