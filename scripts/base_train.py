@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nanochat.demo import (PRESETS, DemoConfig, ensure_demo, ensure_demo_at, load_demo_info,
                            preset_config)
+from scripts._cli import flag_adder
 
 
 def main(argv=None) -> int:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.base_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    add = _adder(p)
+    add = flag_adder(p)
     d = PRESETS["default"]
     add("--preset", choices=sorted(PRESETS),
         help="start from a named config; the flags below override it (default: "
@@ -139,19 +140,6 @@ def print_summary(path: Path, seconds: float, explicit_out: bool) -> None:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _adder(parser: argparse.ArgumentParser):
-    """add('--foo-bar', '--baz', ...) also accepts --foo_bar and --baz spelled with underscores."""
-    def add(*flags, **kwargs):
-        names = []
-        for f in flags:
-            for spelling in (f, f.replace("-", "_").replace("__", "--", 1)):
-                if spelling not in names:
-                    names.append(spelling)
-        kwargs.setdefault("dest", flags[0].lstrip("-").replace("-", "_"))
-        return parser.add_argument(*names, **kwargs)
-    return add
 
 
 if __name__ == "__main__":

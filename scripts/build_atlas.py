@@ -19,6 +19,7 @@ import sys
 from atlas.pipeline import AtlasConfig, build_atlas
 from nanochat.distributed import RankFailure, init_distributed, shutdown
 from sae.config import ARCHITECTURES
+from scripts._cli import flag_adder
 
 
 def parse_layers(text: str) -> list[int]:
@@ -28,42 +29,34 @@ def parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers expects comma-separated integers, got {text!r}")
 
 
-def _dashed(arg: str) -> str:
-    """--mine_tokens=5 -> --mine-tokens=5 (the value keeps its underscores)."""
-    if not arg.startswith("--"):
-        return arg
-    flag, eq, value = arg.partition("=")
-    return flag.replace("_", "-") + eq + value
-
-
 def main(argv=None):
-    argv = [_dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
     ap = argparse.ArgumentParser(prog="python -m scripts.build_atlas",
                                  description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", "--layer", type=parse_layers, default=None,
-                    help="comma-separated layer ids (default: n/4, n/2, 3n/4)")
-    ap.add_argument("--out", default="atlas_out", help="the static site (default atlas_out)")
-    ap.add_argument("--work", default=None,
-                    help="SAEs, feature store, exports (default <out>_work)")
-    ap.add_argument("--checkpoint", default=None, help="nanochat checkpoint dir or model_<step>.pt")
-    ap.add_argument("--data", default=None,
-                    help="corpus (.parquet/.txt/.jsonl file or dir); its last part is held out for mining")
-    ap.add_argument("--hook", default="resid_post", help="hook kind (default resid_post)")
-    ap.add_argument("--arch", default="batchtopk", choices=ARCHITECTURES)
-    ap.add_argument("--width", type=int, default=None, help="latents per SAE (default 8 x d_model)")
-    ap.add_argument("--expansion", type=float, default=8.0)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--train-tokens", type=int, default=None,
-                    help="SAE training tokens (default 500k on CPU, 50M on GPU)")
-    ap.add_argument("--mine-tokens", type=int, default=None,
-                    help="held-out tokens to mine (default 250k on CPU, 10M on GPU)")
-    ap.add_argument("--model-id", default=None, help="Neuronpedia model id (default from the checkpoint)")
-    ap.add_argument("--source-set", default=None,
-                    help="Neuronpedia source-set name (default e.g. atlas-res-1k)")
-    ap.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
-    ap.add_argument("--force", action="store_true", help="rebuild every stage")
-    ap.add_argument("--quiet", action="store_true")
+    add = flag_adder(ap)
+    add("--layers", "--layer", type=parse_layers, default=None,
+        help="comma-separated layer ids (default: n/4, n/2, 3n/4)")
+    add("--out", default="atlas_out", help="the static site (default atlas_out)")
+    add("--work", default=None,
+        help="SAEs, feature store, exports (default <out>_work)")
+    add("--checkpoint", default=None, help="nanochat checkpoint dir or model_<step>.pt")
+    add("--data", default=None,
+        help="corpus (.parquet/.txt/.jsonl file or dir); its last part is held out for mining")
+    add("--hook", default="resid_post", help="hook kind (default resid_post)")
+    add("--arch", default="batchtopk", choices=ARCHITECTURES)
+    add("--width", type=int, default=None, help="latents per SAE (default 8 x d_model)")
+    add("--expansion", type=float, default=8.0)
+    add("--k", type=int, default=32)
+    add("--train-tokens", type=int, default=None,
+        help="SAE training tokens (default 500k on CPU, 50M on GPU)")
+    add("--mine-tokens", type=int, default=None,
+        help="held-out tokens to mine (default 250k on CPU, 10M on GPU)")
+    add("--model-id", default=None, help="Neuronpedia model id (default from the checkpoint)")
+    add("--source-set", default=None,
+        help="Neuronpedia source-set name (default e.g. atlas-res-1k)")
+    add("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    add("--force", action="store_true", help="rebuild every stage")
+    add("--quiet", action="store_true")
     args = ap.parse_args(argv)
     cfg = AtlasConfig(layers=args.layers, out=args.out, work=args.work, checkpoint=args.checkpoint,
                       data=args.data, hook=args.hook, arch=args.arch, width=args.width,

@@ -29,6 +29,7 @@ from pathlib import Path
 from atlas.mine import MineConfig, find_saes, mine_features
 from nanochat.distributed import RankFailure, agree, init_distributed, shutdown
 from nanochat.model_source import resolve_corpus, resolve_model
+from scripts._cli import flag_adder
 
 
 def main(argv=None) -> int:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     d = MineConfig()
-    add = _adder(p)
+    add = flag_adder(p)
     add("--sae-dir", required=True, help="an SAE folder, or a folder holding SAE folders")
     add("--store", default="atlas_out/features.duckdb", help="output DuckDB file (default atlas_out/features.duckdb)")
     add("--checkpoint", help="nanochat checkpoint dir or model_<step>.pt (default: latest base model "
@@ -114,19 +115,6 @@ def mine_config(args) -> MineConfig:
                       n_neighbors=args.n_neighbors, n_lineage=args.n_lineage,
                       check_model=args.check_model,
                       seed=args.seed, force=args.force)
-
-
-def _adder(parser: argparse.ArgumentParser):
-    """add('--foo-bar', ...) also accepts --foo_bar."""
-    def add(*flags, **kwargs):
-        names = []
-        for f in flags:
-            for spelling in (f, "--" + f[2:].replace("-", "_")):
-                if spelling not in names:
-                    names.append(spelling)
-        kwargs.setdefault("dest", flags[0][2:].replace("-", "_"))
-        return parser.add_argument(*names, **kwargs)
-    return add
 
 
 if __name__ == "__main__":

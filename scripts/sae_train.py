@@ -27,6 +27,7 @@ from nanochat.distributed import RankFailure, init_distributed, shutdown
 from sae.config import ARCHITECTURES
 from sae.hooks import HOOK_KINDS
 from sae.train_run import RunConfig, run_training
+from scripts._cli import flag_adder
 
 # the PR #169 CLI's short hook names
 _HOOK_ALIASES = {"attn": "attn_out", "mlp": "mlp_out"}
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.sae_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    add = _adder(p)
+    add = flag_adder(p)
     add("--layers", "--layer", help="comma-separated layers, e.g. 4,10,16 (default: n/4, n/2, 3n/4)")
     add("--hook", "--hook-type", default="resid_post",
         help=f"hook kind: {', '.join(k.removeprefix('hook_') for k in HOOK_KINDS)} "
@@ -128,19 +129,6 @@ def run_config(args) -> RunConfig:
                      cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
                      eval_tokens=args.eval_tokens, seed=args.seed, quiet=args.quiet,
                      layer_parallel=args.layer_parallel)
-
-
-def _adder(parser: argparse.ArgumentParser):
-    """add('--foo-bar', '--baz', ...) also accepts --foo_bar and --baz spelled with underscores."""
-    def add(*flags, **kwargs):
-        names = []
-        for f in flags:
-            for spelling in (f, f.replace("-", "_").replace("__", "--", 1)):
-                if spelling not in names:
-                    names.append(spelling)
-        kwargs.setdefault("dest", flags[0].lstrip("-").replace("-", "_"))
-        return parser.add_argument(*names, **kwargs)
-    return add
 
 
 if __name__ == "__main__":
