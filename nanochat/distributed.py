@@ -85,8 +85,13 @@ def init_distributed(device: str | None = None, timeout_s: float = MEETING_TIMEO
     return DistContext(rank, world, local_rank, dev)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish the ranks leave together (a barrier
+    first), so no rank closes its connections while a peer is still using them; after a
+    failure there is nobody to wait for."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

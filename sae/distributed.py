@@ -28,9 +28,10 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from nanochat import distributed as nanochat_distributed
 from nanochat.distributed import DistContext, RankFailure, rank_slice
-from sae.models import SAE, BatchTopKSAE, LossContext, StepOut, TopKSAE, _fired_from_selection, _mse, auxk_loss
-from sae.sparse import _encoder_grads, row_offsets, sparse_decode
+from sae.models import SAE, BatchTopKSAE, LossContext, StepOut, TopKSAE, fired_from_selection, mse_loss, auxk_loss
+from sae.sparse import encoder_grads, row_offsets, sparse_decode
 
 
 @contextlib.contextmanager
@@ -83,13 +84,9 @@ def scatter_objects(objs: list | None, ctx: DistContext, what: str):
 
 
 def broadcast_object(obj, ctx: DistContext, what: str):
-    """Rank 0's obj on every rank."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
+    """Rank 0's obj on every rank; a peer's failure while `what` becomes a RankFailure."""
     with _collective(ctx, what):
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return nanochat_distributed.broadcast_object(ctx, obj)
 
 
 def owned_range(n_saes: int, ctx: DistContext) -> tuple[int, int]:
@@ -148,11 +145,11 @@ def _batchtopk_loss(sae: BatchTopKSAE, x, loss_ctx, ctx) -> StepOut:
     B, n = x.shape[0], sae.cfg.d_sae
     values, rows, cols = GlobalBatchTopK.apply(x_enc, sae.W_enc, sae.b_enc, sae.cfg.k * B * ctx.world, ctx)
     x_hat = sparse_decode(values, cols, sae.W_dec, row_offsets(rows, B)) + sae.b_dec
-    mse = _mse(x, x_hat)
+    mse = mse_loss(x, x_hat)
     aux = (_global_auxk(sae, x_enc, (x - x_hat).detach(), loss_ctx.dead, ctx)
            if loss_ctx.auxk_alpha > 0 else mse.new_zeros(()))
     active = values > 0
-    fired = _fired_from_selection(cols, active, n)
+    fired = fired_from_selection(cols, active, n)
     min_kept = values.detach().masked_fill(~active, float("inf")).min() if values.numel() else \
         torch.tensor(float("inf"), device=x.device)
     sae._update_threshold(all_reduce_(min_kept.reshape(1), ctx, "the BatchTopK θ update", dist.ReduceOp.MIN)[0])
@@ -205,7 +202,7 @@ class GlobalBatchTopK(torch.autograd.Function):
     def backward(fctx, grad_values, _grad_rows, _grad_cols):
         x, W_enc, values, rows, cols = fctx.saved_tensors
         grad = grad_values * (values > 0)
-        return (*_encoder_grads(fctx, x, W_enc, rows, cols, grad), None, None)
+        return (*encoder_grads(fctx, x, W_enc, rows, cols, grad), None, None)
 
 
 # ---- layer-parallel: every rank's slice of all hooks -> the global batch of the owned hooks ----

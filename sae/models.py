@@ -172,7 +172,7 @@ class SAE(nn.Module):
         return bool((((norms - 1).abs() < 1e-5) | (norms <= 1e-8)).all())  # zero rows stay unfolded
 
 
-def _mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+def mse_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """‖x - x̂‖² summed over d_in, mean over tokens (recipe §9.6)."""
     return (x - x_hat).pow(2).sum(-1).mean()
 
@@ -181,7 +181,7 @@ def _fired_from_codes(codes: torch.Tensor) -> torch.Tensor:
     return (codes > 0).any(dim=0)
 
 
-def _fired_from_selection(latents: torch.Tensor, active: torch.Tensor, d_sae: int) -> torch.Tensor:
+def fired_from_selection(latents: torch.Tensor, active: torch.Tensor, d_sae: int) -> torch.Tensor:
     """[d_sae] bool: latents selected with a positive value (a scatter, so no host sync)."""
     hits = torch.zeros(d_sae, device=latents.device).index_add_(0, latents.reshape(-1), active.reshape(-1).float())
     return hits > 0
@@ -228,10 +228,10 @@ class TopKSAE(SAE):
         else:
             values, indices = dense_topk_encode(x_enc, self.W_enc, self.b_enc, self.cfg.k)
             x_hat = dense_decode(values, indices, self.W_dec) + self.b_dec
-        mse = _mse(x, x_hat)
+        mse = mse_loss(x, x_hat)
         aux = auxk_loss(self, x_enc, (x - x_hat).detach(), ctx.dead) if ctx.auxk_alpha > 0 else mse.new_zeros(())
         active = values > 0
-        fired = _fired_from_selection(indices, active, self.cfg.d_sae)
+        fired = fired_from_selection(indices, active, self.cfg.d_sae)
         return StepOut(mse + ctx.auxk_alpha * aux, x_hat.detach(), fired, active.sum() / x.shape[0],
                        {"mse": mse.detach(), "auxk": aux.detach()})
 
@@ -263,10 +263,10 @@ class BatchTopKSAE(SAE):
             codes = torch.zeros_like(acts).view(-1).scatter(0, flat, values).view(B, n)
             x_hat = codes @ self.W_dec + self.b_dec
             cols = flat % n
-        mse = _mse(x, x_hat)
+        mse = mse_loss(x, x_hat)
         aux = auxk_loss(self, x_enc, (x - x_hat).detach(), ctx.dead) if ctx.auxk_alpha > 0 else mse.new_zeros(())
         active = values > 0
-        fired = _fired_from_selection(cols, active, n)
+        fired = fired_from_selection(cols, active, n)
         self._update_threshold(values.detach().masked_fill(~active, float("inf")).min())
         return StepOut(mse + ctx.auxk_alpha * aux, x_hat.detach(), fired, active.sum() / B,
                        {"mse": mse.detach(), "auxk": aux.detach(), "threshold": self.threshold.clone()})
@@ -294,7 +294,7 @@ class ReLUSAE(SAE):
     def training_loss(self, x, ctx):
         f = torch.relu(self.pre_acts(x))
         x_hat = self.decode_normed(f)
-        mse = _mse(x, x_hat)
+        mse = mse_loss(x, x_hat)
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         return StepOut(mse + ctx.sparsity_coef * l1, x_hat.detach(), _fired_from_codes(f.detach()),
                        (f > 0).sum() / x.shape[0], {"mse": mse.detach(), "l1": l1.detach()})
@@ -322,10 +322,10 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._gate_and_mag(x)
         f = (pi_gate > 0) * torch.relu(pi_mag)
         x_hat = self.decode_normed(f)
-        mse = _mse(x, x_hat)
+        mse = mse_loss(x, x_hat)
         gate = torch.relu(pi_gate)
         l1 = gate.sum(-1).mean()  # decoder rows are unit norm
-        aux = _mse(x, gate @ self.W_dec.detach() + self.b_dec.detach())
+        aux = mse_loss(x, gate @ self.W_dec.detach() + self.b_dec.detach())
         return StepOut(mse + ctx.sparsity_coef * l1 + aux, x_hat.detach(), _fired_from_codes(f.detach()),
                        (f > 0).sum() / x.shape[0], {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": aux.detach()})
 
@@ -364,7 +364,7 @@ class JumpReLUSAE(SAE):
         tanh_mode = cfg.jumprelu_sparsity == "tanh"
         f = _JumpReLU.apply(pre, self.threshold, cfg.jumprelu_bandwidth, tanh_mode)
         x_hat = self.decode_normed(f)
-        mse = _mse(x, x_hat)
+        mse = mse_loss(x, x_hat)
         terms = {"mse": mse.detach()}
         if tanh_mode:
             norms = self.W_dec.norm(dim=1)

@@ -55,7 +55,7 @@ def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def _encoder_grads(ctx, x, W_enc, rows, cols, grad):
+def encoder_grads(ctx, x, W_enc, rows, cols, grad):
     """Gradients of Σ grad·pre[rows, cols] w.r.t. (x, W_enc, b_enc), without a B×n tensor.
 
     Both big ones are embedding-bags: dW_encᵀ[j] = Σ grad·x[row] over the pairs that selected latent
@@ -89,7 +89,7 @@ class _TopKEncode(torch.autograd.Function):
         B, k = indices.shape
         grad = (grad_values * (values > 0)).reshape(-1)  # ReLU'
         rows = torch.arange(B, device=x.device).repeat_interleave(k)
-        return (*_encoder_grads(ctx, x, W_enc, rows, indices.reshape(-1), grad), None)
+        return (*encoder_grads(ctx, x, W_enc, rows, indices.reshape(-1), grad), None)
 
 
 class _BatchTopKEncode(torch.autograd.Function):
@@ -109,4 +109,4 @@ class _BatchTopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
         x, W_enc, values, rows, cols = ctx.saved_tensors
         grad = grad_values * (values > 0)
-        return (*_encoder_grads(ctx, x, W_enc, rows, cols, grad), None)
+        return (*encoder_grads(ctx, x, W_enc, rows, cols, grad), None)

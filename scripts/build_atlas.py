@@ -65,8 +65,10 @@ def main(argv=None):
                       source_set=args.source_set,
                       force=args.force, quiet=args.quiet)
     ctx = init_distributed(args.device)  # torchrun's process group, if launched by torchrun
+    ok = False
     try:
         build_atlas(cfg, ctx)
+        ok = True
     except RankFailure as e:
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr)
         return 1
@@ -74,7 +76,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        shutdown(clean=ok)
     return 0
 
 

@@ -34,6 +34,7 @@ from scripts._cli import flag_adder
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    ok = False
     try:
         ctx = init_distributed(args.device)
         quiet = args.quiet or not ctx.is_main
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
                 print(f"torchrun: {ctx.world} ranks on {ctx.device.type}; rank 0 merges and "
                       f"writes", file=sys.stderr)
         out = mine_features(saes, source, corpus, Path(args.store), cfg, quiet=args.quiet, ctx=ctx)
+        ok = True
     except RankFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        shutdown()
+        shutdown(clean=ok)
     if ctx.is_main:
         if not args.quiet and not out["skipped"]:
             print(f"{out['tokens']:,} tokens, {out['documents']:,} documents, "

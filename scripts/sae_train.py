@@ -42,8 +42,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tag = f"rank {ctx.rank}: " if ctx.enabled else ""
+    ok = False
     try:
         run_training(cfg, ctx=ctx)
+        ok = True
     except FileExistsError as e:
         print(f"{tag}error: {e}\nadd --resume to continue that run, or choose another --out", file=sys.stderr)
         return 2
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         print(f"{tag}error: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown()
+        shutdown(clean=ok)
     return 0
 
 
