@@ -392,11 +392,13 @@ class CoactivationCounts:
     Tokens on which two latents are both among the token's `top` strongest active latents
     (exact co-firing counts whenever a token has at most `top` active latents, e.g. any TopK SAE
     with k <= top; the cap bounds the cost, which grows with the square of the active count).
-    `pairs[i, j]` (i < j) is filled from each token's capped active set, `count[i]` counts the
-    tokens where i is in it; `symmetric()` is the full matrix with `count` on the diagonal.
+    `pairs` counts each co-firing pair of a token's capped active set once, in cell (i, j) or
+    (j, i); `count[i]` counts the tokens where i is in it; `symmetric()` is the full matrix
+    (pairs + pairsᵀ) with `count` on the diagonal.
     """
 
     PAIR_CHUNK = 1 << 22  # pair indices materialised at once
+    BUCKET = 8  # row-length step of the padded blocks of variable-length rows
 
     def __init__(self, n: int, top: int = 64, device="cpu"):
         self.n, self.top = n, top
@@ -419,36 +421,56 @@ class CoactivationCounts:
         self._update_pairs(rows, group, per_row)
 
     def _capped(self, rows, group, value, per_row):
-        """Keep each row's `top` largest values (ties: smaller latent); rows stay ascending."""
-        rank_key = (rows << 31) | order_by_value(value)  # row, then value descending
-        perm = torch.argsort(rank_key, stable=True)
-        keep = perm[ranks_within(rows[perm], per_row.numel()) < self.top].sort().values
+        """Keep each row's `top` largest values (ties: smaller latent); rows stay ascending.
+        Only the entries of rows over the cap are sorted: usually a small tail."""
+        over = per_row[rows] > self.top
+        idx = torch.nonzero(over).squeeze(1)
+        rank_key = (rows[idx] << 31) | order_by_value(value[idx])  # row, then value descending
+        perm = idx[torch.argsort(rank_key, stable=True)]
+        keep = over.logical_not()
+        keep[perm[ranks_within(rows[perm], per_row.numel()) < self.top]] = True
         return rows[keep], group[keep], per_row.clamp(max=self.top)
 
     def _update_pairs(self, rows, group, per_row) -> None:
-        """Count every pair of latents within each row; rows are grouped by their length so
-        each group is a dense [rows, m] block whose pairs are one fixed triangle of columns."""
-        # int32 pair indices when n² fits: half the memory traffic of the gathers
-        dtype = torch.int32 if self.n * self.n < 2**31 else torch.int64
+        """Count every pair of latents within each row, as dense [rows, m] blocks: the pairs
+        (i, i + 1..m-1) of column i are a broadcast add of contiguous slices, so no index
+        tensors are gathered and Python loops over columns, not rows. Rows of different lengths
+        (JumpReLU, ReLU) are bucketed by length in steps of BUCKET and padded to their bucket's
+        longest row; a padded pair is sent to cell (0, 0), which symmetric() never reads (its
+        diagonal is `count`) and which is cleared after each update. A pair lands in cell (a, b)
+        or (b, a) depending on the order of the latents; `symmetric()` adds both."""
+        dtype = torch.int32 if self.n * self.n < 2**31 else torch.int64  # half the traffic
         flat = self.pairs.view(-1)
-        starts = torch.cumsum(per_row, 0) - per_row
         group = group.to(dtype)
-        for m in torch.unique(per_row).tolist():
-            if m < 2:
-                continue
-            if m == int(per_row.min()) == int(per_row.max()):  # every row (TopK): no gather
-                latents = group.view(-1, m)
-            else:
-                first = starts[per_row == m]
-                latents = group[first[:, None] + torch.arange(m, device=group.device)]
-            ii, jj = torch.triu_indices(m, m, offset=1, device=group.device)
-            step = max(1, self.PAIR_CHUNK // ii.numel())
-            for s in range(0, latents.shape[0], step):
-                _count(flat, self._index(latents[s:s + step, ii], latents[s:s + step, jj]).view(-1))
+        m_max = int(per_row.max())
+        if m_max < 2:
+            return
+        if int(per_row.min()) == m_max:  # every row alike (TopK): one block, no padding
+            self._count_block(flat, group.view(-1, m_max), padded=False)
+            return
+        starts = torch.cumsum(per_row, 0) - per_row
+        bucket = (per_row + self.BUCKET - 1) // self.BUCKET  # rows of 1..8 latents -> 1, ...
+        for b in torch.unique(bucket[per_row >= 2]).tolist():
+            r = torch.nonzero((bucket == b) & (per_row >= 2)).squeeze(1)
+            m = int(per_row[r].max())
+            cols = torch.arange(m, device=group.device)
+            valid = cols < per_row[r, None]
+            pos = torch.where(valid, starts[r, None] + cols, 0)
+            self._count_block(flat, torch.where(valid, group[pos], -1), padded=True)
+        flat[0] = 0
 
-    def _index(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Flat index of the upper-triangle cell of each latent pair."""
-        return torch.minimum(a, b) * self.n + torch.maximum(a, b)
+    def _count_block(self, flat: torch.Tensor, latents: torch.Tensor, padded: bool) -> None:
+        """Pairs within each row of a [rows, m] block of latents (-1 = padding when `padded`)."""
+        m = latents.shape[1]
+        base = latents * self.n
+        step = max(1, self.PAIR_CHUNK // m)  # rows per slice: bounded pair tensors
+        for s in range(0, latents.shape[0], step):
+            b, lat = base[s:s + step], latents[s:s + step]
+            for i in range(m - 1):
+                cell = b[:, i:i + 1] + lat[:, i + 1:]
+                if padded:  # padding sits at the ends of rows, so checking the later latent suffices
+                    cell = torch.where(lat[:, i + 1:] >= 0, cell, 0)
+                _count(flat, cell.reshape(-1))
 
     def symmetric(self) -> torch.Tensor:
         """The full symmetric int32 count matrix, `count` on the diagonal."""
