@@ -15,6 +15,10 @@ Notable choices:
   trainer's held-out metrics; so a `cache_activations` cache holds exactly that many tokens.
 - Held-out token budgets (calibration, trainer eval) shrink with short runs, so a tiny run is not
   dominated by them: each is min(its default, max(one batch, tokens / 8)).
+- The default batch is 4096 tokens, halved (down to 1024) while a run would take fewer than
+  MIN_STEPS optimizer steps: on the demo model (500k tokens, the CPU default) 4096-token batches
+  give only 122 steps, and 1024-token ones reach about half the FVU (0.046 -> 0.02) and a fifth
+  of the dead latents for the same tokens (bench/RESULTS_sae_quality.md).
 - The default shuffle buffer is as many tokens as `buffer_mb` holds, at most 2^22, and at most a
   quarter of the stream, so even a short run mixes several generations.
 - Under torchrun (`ctx` from `nanochat.distributed.init_distributed`) every rank forwards its own
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -58,7 +62,7 @@ class RunConfig:
     k: int = 32
     l1_coefficient: float | None = None  # relu / gated / jumprelu sparsity weight; None: SAEConfig's
     tokens: int | None = None  # training tokens per SAE; None: 500k on CPU (the demo in ~3 min), 50M on CUDA
-    batch_size: int = 4096  # tokens per optimizer step
+    batch_size: int | None = None  # tokens per optimizer step; None: see default_batch_size
     lr: float | None = None  # None: 2e-4/sqrt(width/16384)·sqrt(batch/8192)
     checkpoint: str | None = None  # nanochat checkpoint dir or model_<step>.pt; None: see module doc
     data: str | None = None  # corpus file or dir; None: the model's own corpus
@@ -112,6 +116,7 @@ def run_training(cfg: RunConfig, source=None, log: Callable[[str], None] | None 
     on_gpu = device.type == "cuda"
     tokens = cfg.tokens or (50_000_000 if on_gpu else 500_000)
     eval_tokens = cfg.eval_tokens if cfg.eval_tokens is not None else (1 << 20 if on_gpu else 16_384)
+    cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(tokens, ctx.world))
     local_batch = local_batch_size(cfg.batch_size, ctx)
     if source is None:
         source = _resolve_model_in_turn(cfg, device, ctx)
@@ -229,6 +234,18 @@ def _cache_in_turn(cfg: RunConfig, source, corpus, hooks, stream_tokens, seq_len
             error = e
     agree(ctx, error)
     return Path(broadcast_object(str(path) if path else None, ctx, "sharing the cache path"))
+
+
+MIN_STEPS = 400
+
+
+def default_batch_size(tokens: int, world: int = 1) -> int:
+    """4096, halved down to 1024 while `tokens` would give fewer than MIN_STEPS steps; a multiple
+    of `world` (the batch is global and split evenly over the ranks)."""
+    batch = 4096
+    while batch > 1024 and tokens // batch < MIN_STEPS:
+        batch //= 2
+    return math.ceil(batch / world) * world
 
 
 def default_layers(n_layer: int) -> list[int]:

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
              "model with 2 cores; 50,000,000 on CUDA)")
     add("--num-epochs", type=int, default=1,
         help="PR #169 compatibility: multiplies --tokens (fresh tokens are streamed, not repeated)")
-    add("--batch-size", type=int, default=4096, help="tokens per optimizer step (default 4096)")
+    add("--batch-size", type=int,
+        help="tokens per optimizer step (default 4096, down to 1024 for runs shorter than 400 steps)")
     add("--lr", "--learning-rate", type=float, help="Adam learning rate (default 2e-4/sqrt(width/16384)·sqrt(batch/8192))")
     add("--checkpoint", help="nanochat checkpoint dir or model_<step>.pt (default: latest base model "
                              "under $NANOCHAT_BASE_DIR, else the demo model)")
