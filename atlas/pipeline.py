@@ -18,6 +18,10 @@ skips a stage whose fingerprint is unchanged and whose outputs exist; an interru
 resumes (SAE training from its last checkpoint, mining from its last committed chunk).
 `force` rebuilds everything after the model.
 
+Threads: on a CPU (without OMP_NUM_THREADS), the train and mine stages each start by timing a
+few small matmuls on all cores and on one (nanochat.common.pick_threads): on a machine busy with
+other work, 2 intra-op threads ran 3-5x slower than 1 here, on an idle one 1.7x faster.
+
 Under torchrun (`torchrun --nproc_per_node=N -m scripts.build_atlas ...`) every rank trains
 (data-parallel) and mines (its share of the held-out text); rank 0 alone decides which
 stages are current, prints, writes stages.json, renders and exports, while the other ranks
@@ -35,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nanochat.common import auto_threads
 from nanochat.dataset import list_corpus_files
 from nanochat.distributed import DistContext, agree, barrier, broadcast_object, init_distributed
 
@@ -133,7 +138,8 @@ def build_atlas(cfg: AtlasConfig, ctx: DistContext | None = None) -> dict:
         sae_dirs = decision["sae_dirs"]
         say(f"== train: up to date ({len(sae_dirs)} SAEs in {work / 'saes'})")
     else:
-        say(f"== train: {cfg.arch} SAEs on {train_tokens:,} tokens each")
+        threads = auto_threads(device)  # per stage: the machine's load may have changed
+        say(f"== train: {cfg.arch} SAEs on {train_tokens:,} tokens each{_threads_note(threads)}")
         run_cfg.resume = decision["resume"]
         result = run_training(run_cfg, source=source, log=say, ctx=ctx)
         sae_dirs = [str(p) for p in result.sae_dirs.values()]
@@ -146,7 +152,9 @@ def build_atlas(cfg: AtlasConfig, ctx: DistContext | None = None) -> dict:
     t0 = time.time()
     store_path = work / "features.duckdb"
     mine_tokens = cfg.mine_tokens or (10_000_000 if on_gpu else 250_000)
-    say(f"== mine: {mine_tokens:,} held-out tokens through {len(sae_dirs)} SAEs")
+    threads = auto_threads(device)
+    say(f"== mine: up to {mine_tokens:,} held-out tokens through {len(sae_dirs)} SAEs"
+        f"{_threads_note(threads)}")
     mined = mine_features([Path(p) for p in sae_dirs], source, corpus, store_path,
                           MineConfig(tokens=mine_tokens, force=cfg.force), quiet=quiet, ctx=ctx)
     timings["mine"] = time.time() - t0
@@ -206,6 +214,10 @@ def _render_and_export(cfg: AtlasConfig, say, quiet: bool, stages: "_Stages", so
     if not cfg.quiet:
         _print_summary(summary)
     return summary
+
+
+def _threads_note(threads: int | None) -> str:
+    return "" if threads is None else f" ({threads} CPU thread{'s' if threads > 1 else ''})"
 
 
 def _print_summary(s: dict) -> None:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import autocast, autodetect_device, get_atlas_cache_dir
+from nanochat.common import autocast, autodetect_device, get_atlas_cache_dir, set_threads
 from nanochat.dataset import iter_documents, iter_windows
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -106,7 +106,7 @@ class DemoConfig:
     train_shards: int = 4
     # runtime only (not part of the cache key)
     device: str | None = None      # None: CUDA, else MPS, else CPU
-    threads: int | None = None     # None: all cores, or 1 while that is faster (see pick_threads)
+    threads: int | None = None     # None: all cores, or 1 while that is faster (see nanochat.common.pick_threads)
     checkpoint_every_s: float = 60.0
 
     @property
@@ -645,43 +645,6 @@ def _save_train_state(path: Path, model, optimizer, step, elapsed, tokens_seen, 
 
 def _n_targets(rows: torch.Tensor) -> int:
     return int((rows[:, 1:] >= 0).sum())
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's CPU thread count: `threads`, or `pick_threads()` when None."""
-    threads = threads or pick_threads()
-    torch.set_num_threads(threads)
-    return threads
-
-
-def pick_threads() -> int:
-    """All cores, unless one thread is faster right now. On a machine whose cores are busy
-    with other processes, a multi-threaded op waits at every barrier for its descheduled
-    threads: we measured 2 threads at 3.5x slower than 1 for this model on a loaded 2-core
-    box, against 1.7x faster when it is idle. A median of a few small matmul timings decides."""
-    cores = _core_count()
-    if cores == 1:
-        return 1
-    a, b = torch.randn(1024, 128), torch.randn(128, 512)  # the size of the model's own matmuls
-
-    def timed(n: int) -> float:
-        torch.set_num_threads(n)
-        runs = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            runs.append(time.perf_counter() - t)
-        return sorted(runs)[len(runs) // 2]
-
-    return cores if timed(cores) < timed(1) else 1
-
-
-def _core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _file_manifest(base_dir: Path) -> dict:

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from atlas.mine import MineConfig, find_saes, mine_features
+from nanochat.common import auto_threads
 from nanochat.distributed import RankFailure, agree, init_distributed, shutdown
 from nanochat.model_source import resolve_corpus, resolve_model
 from scripts._cli import flag_adder
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     ok = False
     try:
         ctx = init_distributed(args.device)
+        auto_threads(ctx.device)  # one CPU thread when the machine is busy (nanochat.common)
         quiet = args.quiet or not ctx.is_main
         try:  # every rank loads the model; one rank's failure here is raised on all
             cfg = mine_config(args)

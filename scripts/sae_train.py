@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanochat.common import auto_threads
 from nanochat.distributed import RankFailure, init_distributed, shutdown
 from sae.config import ARCHITECTURES
 from sae.hooks import HOOK_KINDS
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     try:
         cfg = run_config(args)
         ctx = init_distributed(cfg.device)  # a single process without torchrun's environment
+        auto_threads(ctx.device)  # one CPU thread when the machine is busy (nanochat.common)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

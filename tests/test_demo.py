@@ -193,7 +193,12 @@ def test_base_train_cli(tmp_path, capsys):
     assert main(["--preset", "tiny", "--width", "30", "--heads", "4", "--out", str(out)]) == 2
 
 
-def test_thread_count_is_set_or_picked():
-    assert demo.set_threads(3) == 3 and torch.get_num_threads() == 3
-    picked = demo.set_threads(None)  # all cores, or 1 when the machine is too busy for more
-    assert picked in (1, demo._core_count()) and torch.get_num_threads() == picked
+def test_thread_count_is_set_or_picked(monkeypatch):
+    from nanochat import common
+    assert common.set_threads(3) == 3 and torch.get_num_threads() == 3
+    picked = common.set_threads(None)  # all cores, or 1 when the machine is too busy for more
+    assert picked in (1, common.core_count()) and torch.get_num_threads() == picked
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice is kept
+    assert common.auto_threads(torch.device("cpu")) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert common.auto_threads(torch.device("cpu")) in (1, common.core_count())
