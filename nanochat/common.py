@@ -1,6 +1,5 @@
 """
-Shared small helpers: where files live, which device and how many CPU threads to use, rank-0
-printing.
+Shared small helpers: where files live, which device and how many CPU threads to use.
 
 - nanochat's own files live under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat)
 - our caches (the demo model, activation caches) under $NANOCHAT_ATLAS_CACHE
@@ -93,12 +92,3 @@ def auto_threads(device: torch.device) -> int | None:
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
     return set_threads(None)
-
-
-def get_rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def print0(*args, **kwargs) -> None:
-    if get_rank() == 0:
-        print(*args, **kwargs)

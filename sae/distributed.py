@@ -31,7 +31,7 @@ import torch.distributed as dist
 from nanochat import distributed as nanochat_distributed
 from nanochat.distributed import DistContext, RankFailure, rank_slice
 from sae.models import SAE, BatchTopKSAE, LossContext, StepOut, TopKSAE, fired_from_selection, mse_loss, auxk_loss
-from sae.sparse import encoder_grads, row_offsets, sparse_decode
+from sae.sparse import batch_selection, batch_selection_grads, row_offsets, sparse_decode
 
 
 @contextlib.contextmanager
@@ -186,23 +186,15 @@ class GlobalBatchTopK(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x, W_enc, b_enc, n_keep: int, ctx: DistContext):
         pre = torch.addmm(b_enc, x, W_enc).relu_()
-        n = pre.shape[1]
         cand, flat = pre.view(-1).topk(min(n_keep, pre.numel()), sorted=False)
         pool = all_gather_cat(cand, ctx, "the BatchTopK selection")
         theta = pool.topk(n_keep, sorted=False).values.min()
         keep = (cand >= theta).nonzero().squeeze(1)
-        flat, order = flat[keep].sort()
-        values = cand[keep][order]
-        rows, cols = flat // n, flat % n
-        fctx.save_for_backward(x, W_enc, values, rows, cols)
-        fctx.mark_non_differentiable(rows, cols)
-        return values, rows, cols
+        return batch_selection(fctx, x, W_enc, cand[keep], flat[keep], pre.shape[1])
 
     @staticmethod
     def backward(fctx, grad_values, _grad_rows, _grad_cols):
-        x, W_enc, values, rows, cols = fctx.saved_tensors
-        grad = grad_values * (values > 0)
-        return (*encoder_grads(fctx, x, W_enc, rows, cols, grad), None, None)
+        return (*batch_selection_grads(fctx, grad_values), None, None)
 
 
 # ---- layer-parallel: every rank's slice of all hooks -> the global batch of the owned hooks ----

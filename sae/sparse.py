@@ -92,21 +92,30 @@ class _TopKEncode(torch.autograd.Function):
         return (*encoder_grads(ctx, x, W_enc, rows, indices.reshape(-1), grad), None)
 
 
+def batch_selection(ctx, x, W_enc, values, flat, n: int):
+    """The tail of a BatchTopK forward: selected flat indices of the [B, n] pre-activations ->
+    (values, rows, cols) sorted by row, saved for `batch_selection_grads`."""
+    flat, order = flat.sort()
+    values = values[order]
+    rows, cols = flat // n, flat % n
+    ctx.save_for_backward(x, W_enc, values, rows, cols)
+    ctx.mark_non_differentiable(rows, cols)
+    return values, rows, cols
+
+
+def batch_selection_grads(ctx, grad_values):
+    """(grad x, grad W_enc, grad b_enc) of a BatchTopK forward that ended in `batch_selection`."""
+    x, W_enc, values, rows, cols = ctx.saved_tensors
+    return encoder_grads(ctx, x, W_enc, rows, cols, grad_values * (values > 0))  # ReLU'
+
+
 class _BatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k):
         pre = torch.addmm(b_enc, x, W_enc).relu_()
-        n = pre.shape[1]
         values, flat = pre.view(-1).topk(k * pre.shape[0], sorted=False)
-        flat, order = flat.sort()
-        values = values[order]
-        rows, cols = flat // n, flat % n
-        ctx.save_for_backward(x, W_enc, values, rows, cols)
-        ctx.mark_non_differentiable(rows, cols)
-        return values, rows, cols
+        return batch_selection(ctx, x, W_enc, values, flat, pre.shape[1])
 
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
-        x, W_enc, values, rows, cols = ctx.saved_tensors
-        grad = grad_values * (values > 0)
-        return (*encoder_grads(ctx, x, W_enc, rows, cols, grad), None)
+        return (*batch_selection_grads(ctx, grad_values), None)

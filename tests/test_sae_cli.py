@@ -94,3 +94,14 @@ def test_bad_layer_and_missing_sae_are_clear_errors(d4, tmp_path, capsys):
     assert rc == 2 and "layer 9 is out of range" in err and "0..3" in err
     assert sae_eval.main(["--sae", str(tmp_path), "--quiet"]) == 2
     assert "neither an SAE folder" in capsys.readouterr().err
+
+
+def test_short_runs_default_to_smaller_batches():
+    from sae.train_run import MIN_STEPS, default_batch_size
+    assert default_batch_size(50_000_000) == 4096  # long runs keep the recipe's batch
+    assert default_batch_size(2_000_000) == 4096  # 488 steps: enough
+    assert default_batch_size(1_000_000) == 2048
+    assert default_batch_size(500_000) == 1024  # the CPU default: 488 steps instead of 122
+    assert default_batch_size(6_000) == 1024  # never below 1024
+    assert 500_000 // default_batch_size(500_000) >= MIN_STEPS
+    assert default_batch_size(500_000, world=3) % 3 == 0  # global batches split evenly over ranks
